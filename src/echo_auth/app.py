@@ -1,0 +1,136 @@
+"""``create_app(settings)``: the one composition root of the HTTP service."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy.exc import DBAPIError
+
+from echo_auth import __version__
+from echo_auth.audit.events import Actor, AuditEvent
+from echo_auth.audit.outbox import enqueue_event
+from echo_auth.audit.pipeline import outbox_status
+from echo_auth.audit.relay import RelayStats, run_relay
+from echo_auth.config import Settings
+from echo_auth.db.engines import transaction
+from echo_auth.runtime import Runtime
+from echo_auth.web import health, problems
+from echo_auth.web.api import audit as audit_api
+from echo_auth.web.api import auth as auth_api
+from echo_auth.web.middleware import EchoMiddleware, HttpMetrics
+
+log = logging.getLogger("echo_auth")
+
+
+class PipelineCollector(Collector):
+    """Outbox depth, oldest undelivered age and dead letters, read at scrape time."""
+
+    def __init__(self, runtime: Runtime, relay_stats: RelayStats) -> None:
+        self.runtime = runtime
+        self.relay_stats = relay_stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            with transaction(self.runtime.identity, write=False) as conn:
+                depth, age, dead = outbox_status(conn)
+        except DBAPIError:
+            return
+        yield GaugeMetricFamily("echo_outbox_depth", "Events waiting in the outbox", value=depth)
+        yield GaugeMetricFamily(
+            "echo_outbox_oldest_age_seconds",
+            "Age of the oldest undelivered event",
+            value=age or 0.0,
+        )
+        yield GaugeMetricFamily(
+            "echo_dead_letters", "Events set aside as undeliverable", value=dead
+        )
+        yield GaugeMetricFamily(
+            "echo_relay_delivered",
+            "Events appended to the chain by this process's relay",
+            value=self.relay_stats.delivered,
+        )
+
+
+def create_app(
+    settings: Settings, *, runtime: Runtime | None = None, run_relay_in_process: bool = False
+) -> FastAPI:
+    """Build the ASGI app. ``run_relay_in_process`` starts a relay thread with the app."""
+    runtime = runtime or Runtime(settings)
+    relay_stats = RelayStats()
+    registry = CollectorRegistry()
+    registry.register(PipelineCollector(runtime, relay_stats))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = threading.Event()
+        relay_thread: threading.Thread | None = None
+        _record_start(runtime)
+        if run_relay_in_process:
+            relay_thread = threading.Thread(
+                target=run_relay,
+                args=(runtime.identity, runtime.audit, runtime.relay_policy, stop),
+                kwargs={"stats": relay_stats},
+                name="echo-relay",
+                daemon=True,
+            )
+            relay_thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if relay_thread is not None:
+                relay_thread.join(timeout=10)
+            runtime.close()
+
+    app = FastAPI(
+        title="Echo",
+        version=__version__,
+        summary="Identity service with a tamper-evident audit log",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.state.metrics_registry = registry
+    problems.install(app)
+    app.include_router(auth_api.router)
+    app.include_router(audit_api.router)
+    app.include_router(health.router)
+    app.add_middleware(
+        EchoMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        metrics=HttpMetrics(registry),
+    )
+    return app
+
+
+def _record_start(runtime: Runtime) -> None:
+    try:
+        with transaction(runtime.identity) as conn:
+            enqueue_event(
+                conn,
+                AuditEvent(
+                    action="system.started",
+                    outcome="success",
+                    actor=Actor.system(),
+                    metadata={"version": __version__, "pid": os.getpid()},
+                ),
+            )
+    except DBAPIError as exc:
+        log.warning("could not record system.started: %s", type(exc).__name__)
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` (used by ``echo-auth serve --workers N``)."""
+    from echo_auth.config import load_settings
+
+    settings = load_settings()
+    settings.check_for_serving()
+    relay = os.environ.get("ECHO_SERVE_RELAY", "1") == "1"
+    return create_app(settings, run_relay_in_process=relay)

@@ -1,0 +1,122 @@
+"""The hash chain in the audit database.
+
+Format (documented in docs/architecture.md so anyone can re-check it without Echo)::
+
+    hash(seq) = SHA-256( prev_hash_hex || event_json )     both as UTF-8 bytes
+    prev_hash(1) = "0" * 64
+
+``seq`` starts at 1 and has no gaps. ``event_json`` is the canonical JSON made at enqueue.
+Appends lock the single ``chain_head`` row for the whole batch, so concurrent relays
+serialise per batch, never per event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, insert, select, update
+
+from echo_auth.audit.events import parse_timestamp
+from echo_auth.db.audit_schema import audit_events, chain_head
+
+
+class MalformedPayload(ValueError):
+    """An outbox payload that is not an event document."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedEvent:
+    event_id: str
+    payload: str
+
+
+def link_hash(prev_hash: str, event_json: str) -> str:
+    return hashlib.sha256((prev_hash + event_json).encode("utf-8")).hexdigest()
+
+
+def project(event_json: str) -> dict[str, Any]:
+    """The searchable columns that a stored event's JSON implies."""
+    try:
+        doc = json.loads(event_json)
+        actor = doc["actor"]
+        target = doc.get("target") or {}
+        source = doc.get("source") or {}
+        return {
+            "event_id": doc["event_id"],
+            "occurred_at": parse_timestamp(doc["occurred_at"]),
+            "actor_type": actor["type"],
+            "actor_id": actor.get("id"),
+            "actor_label": actor.get("label"),
+            "action": doc["action"],
+            "target_type": target.get("type"),
+            "target_id": target.get("id"),
+            "outcome": doc["outcome"],
+            "reason": doc.get("reason"),
+            "ip": source.get("ip"),
+            "user_agent": source.get("user_agent"),
+            "request_id": doc.get("request_id"),
+        }
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise MalformedPayload(f"not an event document: {exc!r}") from None
+
+
+_LOCK_HEAD = (
+    select(chain_head.c.seq, chain_head.c.hash).where(chain_head.c.id == 1).with_for_update()
+)
+_INSERT = insert(audit_events)
+
+
+def read_head(conn: Connection) -> tuple[int, str]:
+    row = conn.execute(
+        select(chain_head.c.seq, chain_head.c.hash).where(chain_head.c.id == 1)
+    ).one()
+    return int(row.seq), str(row.hash)
+
+
+def append_to_chain(conn: Connection, events: Sequence[QueuedEvent]) -> list[str]:
+    """Append events to the chain in the caller's audit transaction; returns new event ids.
+
+    Idempotent on ``event_id``: an event already in the log (a relay that crashed after
+    the audit commit but before deleting its outbox rows) is skipped, not appended twice.
+    Raises :class:`MalformedPayload` before writing anything if a payload is not an event.
+    """
+    if not events:
+        return []
+    projected = [(e, project(e.payload)) for e in events]
+    for event, columns in projected:
+        if columns["event_id"] != event.event_id:
+            raise MalformedPayload(f"payload of {event.event_id} names {columns['event_id']}")
+    head_seq, head_hash = conn.execute(_LOCK_HEAD).one()
+    ids = [e.event_id for e in events]
+    present = set(
+        conn.execute(select(audit_events.c.event_id).where(audit_events.c.event_id.in_(ids)))
+        .scalars()
+        .all()
+    )
+    now = datetime.now(UTC)
+    rows: list[dict[str, Any]] = []
+    seq, prev = int(head_seq), str(head_hash)
+    for event, columns in projected:
+        if event.event_id in present:
+            continue
+        present.add(event.event_id)
+        seq += 1
+        digest = link_hash(prev, event.payload)
+        columns.update(
+            seq=seq, recorded_at=now, event_json=event.payload, prev_hash=prev, hash=digest
+        )
+        rows.append(columns)
+        prev = digest
+    if rows:
+        conn.execute(_INSERT, rows)
+        conn.execute(
+            update(chain_head)
+            .where(chain_head.c.id == 1)
+            .values(seq=seq, hash=prev, updated_at=now)
+        )
+    return [r["event_id"] for r in rows]

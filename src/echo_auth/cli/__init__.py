@@ -1,0 +1,1 @@
+"""The ``echo-auth`` command line, one module per command group."""

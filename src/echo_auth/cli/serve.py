@@ -1,0 +1,104 @@
+"""``echo-auth serve`` and ``echo-auth relay``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from datetime import timedelta
+from types import FrameType
+
+import click
+
+from echo_auth.audit.relay import AuditUnavailable, drain, run_relay
+from echo_auth.cli.main import CliContext, cli, fail, one_line_errors, pass_ctx
+from echo_auth.db import migrate
+from echo_auth.db.engines import transaction
+from echo_auth.identity.provisioning import issue_bootstrap_token
+
+
+def _require_migrated(ctx: CliContext) -> None:
+    runtime = ctx.runtime
+    for name, engine in (("identity", runtime.identity), ("audit", runtime.audit)):
+        if not migrate.is_at_head(engine, name):  # type: ignore[arg-type]
+            fail(f"the {name} database is not migrated: run 'echo-auth db upgrade' first")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--no-relay", is_flag=True, help="Do not run the audit relay in this process.")
+@pass_ctx
+@one_line_errors
+def serve(ctx: CliContext, host: str, port: int, workers: int, no_relay: bool) -> None:
+    """Run the web app (API and pages), with the audit relay in-process by default."""
+    import uvicorn
+
+    from echo_auth.app import create_app
+
+    settings = ctx.settings
+    settings.check_for_serving()
+    _require_migrated(ctx)
+    runtime = ctx.runtime
+    with transaction(runtime.identity) as conn:
+        token = issue_bootstrap_token(conn, timedelta(seconds=settings.bootstrap_token_ttl_s))
+    if token is not None:
+        base = f"http://{host}:{port}" if host not in ("0.0.0.0", "::") else settings.base_url  # noqa: S104
+        click.echo(
+            "\nNo users yet. Create the first admin (roles admin and auditor) with this "
+            "one-time token, valid for "
+            f"{settings.bootstrap_token_ttl_s // 3600} hours:\n\n"
+            f"  curl -X POST {base}/v1/setup -H 'content-type: application/json' \\\n"
+            f'       -d \'{{"token": "{token}", "email": "you@example.com", '
+            '"password": "choose-a-long-passphrase"}\'\n\n'
+            "or from the terminal: echo-auth user create --email you@example.com "
+            "--role admin --role auditor\n",
+            err=True,
+        )
+    click.echo(
+        f"Echo listening on http://{host}:{port} "
+        f"({workers} worker{'s' if workers > 1 else ''}, relay {'off' if no_relay else 'on'})",
+        err=True,
+    )
+    if workers == 1:
+        app = create_app(settings, runtime=runtime, run_relay_in_process=not no_relay)
+        uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning")
+        return
+    runtime.close()
+    os.environ["ECHO_SERVE_RELAY"] = "0" if no_relay else "1"
+    uvicorn.run(
+        "echo_auth.app:create_app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        access_log=False,
+        log_level="warning",
+    )
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="Deliver everything queued now, then exit.")
+@pass_ctx
+@one_line_errors
+def relay(ctx: CliContext, once: bool) -> None:
+    """Move audit events from the outbox into the hash-chained audit log."""
+    _require_migrated(ctx)
+    runtime = ctx.runtime
+    if once:
+        try:
+            moved = drain(runtime.identity, runtime.audit, runtime.relay_policy)
+        except AuditUnavailable as exc:
+            fail(f"the audit database is unreachable: {exc}")
+        click.echo(f"delivered {moved} events")
+        return
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    click.echo("relay running; Ctrl-C to stop", err=True)
+    run_relay(runtime.identity, runtime.audit, runtime.relay_policy, stop)

@@ -1,0 +1,114 @@
+"""Settings, read from the environment (``ECHO_*``) or a ``.env`` file.
+
+Nothing is built at import time: callers create ``Settings()`` in the composition root
+(``create_app`` or the CLI) and pass what is needed down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigurationError(Exception):
+    """A setting is missing, malformed or refused; the message says which and why."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ECHO_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    env: Literal["development", "production", "test"] = "development"
+    data_dir: Path = Path("./var")
+    identity_db_url: str = ""
+    audit_db_url: str = ""
+    base_url: str = "http://127.0.0.1:8000"
+    smtp_url: str | None = None
+    checkpoint_dir: Path | None = None
+    backup_dir: Path | None = None
+
+    # Password hashing (argon2id). Defaults are RFC 9106's second recommendation.
+    argon2_time_cost: int = Field(default=3, ge=1, le=100)
+    argon2_memory_kib: int = Field(default=65536, ge=8, le=4 * 1024 * 1024)
+    argon2_parallelism: int = Field(default=4, ge=1, le=64)
+    # Hashing runs in its own bounded pool, never on the event loop.
+    hash_workers: int = Field(default=2, ge=1, le=64)
+    hash_queue_limit: int = Field(default=256, ge=1)
+    password_min_length: int = Field(default=12, ge=8, le=128)
+    password_max_length: int = Field(default=1024, ge=128, le=4096)
+
+    # Sessions.
+    session_idle_timeout_s: int = Field(default=60 * 60 * 24 * 7, ge=60)
+    session_absolute_timeout_s: int = Field(default=60 * 60 * 24 * 30, ge=60)
+    session_touch_interval_s: int = Field(default=300, ge=1)
+    bootstrap_token_ttl_s: int = Field(default=60 * 60 * 24, ge=60)
+
+    # HTTP.
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    # Relay.
+    relay_batch_size: int = Field(default=500, ge=1, le=5000)
+    relay_idle_sleep_s: float = Field(default=0.2, gt=0)
+    relay_max_attempts: int = Field(default=8, ge=1)
+    relay_backoff_base_s: float = Field(default=1.0, gt=0)
+    relay_backoff_max_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("identity_db_url", "audit_db_url")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _defaults_from_data_dir(self) -> Settings:
+        if not self.identity_db_url:
+            self.identity_db_url = f"sqlite:///{self.data_dir / 'identity.db'}"
+        if not self.audit_db_url:
+            self.audit_db_url = f"sqlite:///{self.data_dir / 'audit.db'}"
+        if self.checkpoint_dir is None:
+            self.checkpoint_dir = self.data_dir / "checkpoints"
+        if self.backup_dir is None:
+            self.backup_dir = self.data_dir / "backups"
+        return self
+
+    @property
+    def uses_embedded_default(self) -> bool:
+        return self.identity_db_url.startswith("sqlite") or self.audit_db_url.startswith("sqlite")
+
+    @property
+    def cookie_secure(self) -> bool:
+        return self.base_url.startswith("https://")
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.data_dir / "mail"
+
+    def check_for_serving(self) -> None:
+        """Refuse configurations that must never serve real users."""
+        if self.env == "production" and self.uses_embedded_default:
+            raise ConfigurationError(
+                "ECHO_ENV=production refuses the embedded SQLite databases: set "
+                "ECHO_IDENTITY_DB_URL and ECHO_AUDIT_DB_URL to MySQL/MariaDB URLs"
+            )
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings, turning pydantic's report into one readable line."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"ECHO_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigurationError(f"invalid settings: {problems}") from None

@@ -1,0 +1,1 @@
+"""Engines, the tables of each database, portable types and the migration histories."""

@@ -1,0 +1,105 @@
+"""Tables of the identity database (``echo_identity``).
+
+The web app owns this database. It also holds the audit outbox: an event is written here
+in the same transaction as the change it records, and the relay moves it on.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+from echo_auth.db.types import UTCDateTime
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; MySQL wants BIGINT for a queue.
+AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("email", String(320), nullable=False, unique=True),
+    Column("password_hash", String(255), nullable=False),
+    # Space-separated, sorted role names: keeps the session lookup to one row.
+    Column("roles", String(64), nullable=False, server_default="user"),
+    Column("email_verified_at", UTCDateTime(), nullable=True),
+    Column("disabled_at", UTCDateTime(), nullable=True),
+    Column("mfa_enabled", Boolean(), nullable=False, server_default="0"),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("user_id", String(36), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    # SHA-256 of the opaque token, hex. The token itself is never stored.
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("last_seen_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    Column("revoked_reason", String(32), nullable=True),
+    Column("ip", String(45), nullable=True),
+    Column("user_agent", String(512), nullable=True),
+    Index(None, "user_id", "revoked_at"),
+)
+
+one_time_tokens = Table(
+    "one_time_tokens",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("purpose", String(32), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("user_id", String(36), ForeignKey("users.id", ondelete="CASCADE"), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Column("used_at", UTCDateTime(), nullable=True),
+)
+
+audit_outbox = Table(
+    "audit_outbox",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("event_id", String(36), nullable=False, unique=True),
+    # The event's canonical JSON, computed once at enqueue time; the relay hashes it as is.
+    Column("payload", Text(), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("attempts", Integer(), nullable=False, server_default="0"),
+    Column("available_at", UTCDateTime(), nullable=False),
+    Column("last_error", Text(), nullable=True),
+    Index(None, "available_at", "id"),
+)
+
+audit_dead_letters = Table(
+    "audit_dead_letters",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("event_id", String(36), nullable=False, unique=True),
+    Column("payload", Text(), nullable=False),
+    Column("attempts", Integer(), nullable=False),
+    Column("last_error", Text(), nullable=False),
+    Column("queued_at", UTCDateTime(), nullable=False),
+    Column("dead_at", UTCDateTime(), nullable=False),
+)

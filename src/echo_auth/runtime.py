@@ -1,0 +1,106 @@
+"""Builds the running pieces from settings: engines, the password hasher, the services.
+
+Used by the two composition roots, ``create_app`` and the CLI; nothing else constructs
+engines or keys.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import cached_property
+
+from sqlalchemy import Engine
+
+from echo_auth.audit.events import Actor, Source
+from echo_auth.audit.relay import RelayPolicy
+from echo_auth.config import Settings
+from echo_auth.db import migrate
+from echo_auth.db.engines import make_engine
+from echo_auth.identity.auth import AuthService
+from echo_auth.identity.passwords import Argon2Hasher, Argon2Params
+from echo_auth.identity.sessions import SessionPolicy
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    pool_size: int = 10
+    _engines: list[Engine] = field(default_factory=list, repr=False)
+
+    @cached_property
+    def identity(self) -> Engine:
+        engine = make_engine(self.settings.identity_db_url, pool_size=self.pool_size)
+        self._engines.append(engine)
+        return engine
+
+    @cached_property
+    def audit(self) -> Engine:
+        engine = make_engine(self.settings.audit_db_url, pool_size=self.pool_size)
+        self._engines.append(engine)
+        return engine
+
+    @cached_property
+    def hasher(self) -> Argon2Hasher:
+        s = self.settings
+        return Argon2Hasher(
+            Argon2Params(s.argon2_time_cost, s.argon2_memory_kib, s.argon2_parallelism),
+            workers=s.hash_workers,
+            queue_limit=s.hash_queue_limit,
+        )
+
+    @cached_property
+    def session_policy(self) -> SessionPolicy:
+        s = self.settings
+        return SessionPolicy(
+            idle_timeout=timedelta(seconds=s.session_idle_timeout_s),
+            absolute_timeout=timedelta(seconds=s.session_absolute_timeout_s),
+            touch_interval=timedelta(seconds=s.session_touch_interval_s),
+        )
+
+    @cached_property
+    def auth(self) -> AuthService:
+        s = self.settings
+        return AuthService(
+            identity=self.identity,
+            hasher=self.hasher,
+            sessions=self.session_policy,
+            password_min_length=s.password_min_length,
+            password_max_length=s.password_max_length,
+        )
+
+    @cached_property
+    def relay_policy(self) -> RelayPolicy:
+        s = self.settings
+        return RelayPolicy(
+            batch_size=s.relay_batch_size,
+            max_attempts=s.relay_max_attempts,
+            backoff_base_s=s.relay_backoff_base_s,
+            backoff_max_s=s.relay_backoff_max_s,
+            idle_sleep_s=s.relay_idle_sleep_s,
+        )
+
+    def upgrade_databases(self) -> None:
+        migrate.upgrade(self.identity, "identity")
+        migrate.upgrade(self.audit, "audit")
+
+    def close(self) -> None:
+        if "hasher" in self.__dict__:
+            self.hasher.close()
+        for engine in self._engines:
+            engine.dispose()
+
+
+def operator_actor() -> tuple[Actor, Source]:
+    """Who runs a CLI command: the OS user on this host, as an ``admin`` actor."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    host = socket.gethostname()
+    return Actor("admin", f"{user}@{host}"[:64], user), Source(
+        ip=None, user_agent=f"echo-auth cli ({sys.platform})"
+    )

@@ -1,0 +1,151 @@
+"""Reading the audit log over HTTP: search, one event, pipeline health, chain verification.
+
+Every read here is itself an audit event, written to the outbox before the answer is sent.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError
+
+from echo_auth.audit.events import AuditEvent, Source, Target
+from echo_auth.audit.outbox import enqueue_event
+from echo_auth.audit.pipeline import pipeline_status
+from echo_auth.audit.search import EventFilter, InvalidQuery, get_event, parse_time, search_events
+from echo_auth.audit.verify import verify_chain
+from echo_auth.db.engines import transaction
+from echo_auth.identity.auth import user_actor
+from echo_auth.identity.errors import NotFound
+from echo_auth.identity.sessions import CurrentSession
+from echo_auth.runtime import Runtime
+from echo_auth.web.deps import AuditReader, RuntimeDep, SourceDep
+
+router = APIRouter(prefix="/v1/audit", tags=["audit"])
+
+
+class EventPage(BaseModel):
+    events: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+def _record(
+    runtime: Runtime,
+    current: CurrentSession,
+    source: Source,
+    action: str,
+    metadata: dict[str, Any],
+    target: Target | None = None,
+) -> None:
+    with transaction(runtime.identity) as conn:
+        enqueue_event(
+            conn,
+            AuditEvent(
+                action=action,
+                outcome="success",
+                actor=user_actor(current.user),
+                target=target,
+                source=source,
+                metadata=metadata,
+            ),
+        )
+
+
+def filter_from_query(
+    actor: str | None,
+    action: str | None,
+    target: str | None,
+    outcome: str | None,
+    ip: str | None,
+    since: str | None,
+    until: str | None,
+    q: str | None,
+) -> EventFilter:
+    return EventFilter(
+        actor=actor or None,
+        action=action or None,
+        target=target or None,
+        outcome=outcome or None,
+        ip=ip or None,
+        since=parse_time("since", since),
+        until=parse_time("until", until),
+        q=q or None,
+    )
+
+
+@router.get("/events", response_model=EventPage)
+def list_events(
+    current: AuditReader,
+    runtime: RuntimeDep,
+    source: SourceDep,
+    actor: Annotated[str | None, Query(max_length=320)] = None,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    target: Annotated[str | None, Query(max_length=64)] = None,
+    outcome: Annotated[str | None, Query(max_length=16)] = None,
+    ip: Annotated[str | None, Query(max_length=45)] = None,
+    since: Annotated[str | None, Query(max_length=40)] = None,
+    until: Annotated[str | None, Query(max_length=40)] = None,
+    q: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int | None, Query()] = None,
+) -> EventPage:
+    f = filter_from_query(actor, action, target, outcome, ip, since, until, q)
+    with transaction(runtime.audit, write=False) as conn:
+        page = search_events(conn, f, cursor=cursor, limit=limit)
+    _record(
+        runtime,
+        current,
+        source,
+        "audit.searched",
+        {"filters": f.describe(), "returned": len(page.events)},
+    )
+    return EventPage(events=page.events, next_cursor=page.next_cursor)
+
+
+@router.get("/events/{event_id}")
+def one_event(
+    event_id: str, current: AuditReader, runtime: RuntimeDep, source: SourceDep
+) -> dict[str, Any]:
+    if len(event_id) > 36:
+        raise InvalidQuery("event_id", "not an event id")
+    with transaction(runtime.audit, write=False) as conn:
+        event = get_event(conn, event_id)
+    _record(
+        runtime,
+        current,
+        source,
+        "audit.searched",
+        {"event_id": event_id},
+        Target("audit_event", event_id),
+    )
+    if event is None:
+        raise NotFound("no such event")
+    return event
+
+
+@router.get("/pipeline")
+def pipeline(current: AuditReader, runtime: RuntimeDep, source: SourceDep) -> dict[str, Any]:
+    with transaction(runtime.identity, write=False) as iconn:
+        try:
+            with transaction(runtime.audit, write=False) as aconn:
+                status = pipeline_status(iconn, aconn)
+        except DBAPIError:  # the outbox still reports when the audit DB is down
+            status = pipeline_status(iconn, None)
+    _record(runtime, current, source, "audit.pipeline.viewed", {})
+    return status.as_dict()
+
+
+@router.get("/verify")
+def verify(current: AuditReader, runtime: RuntimeDep, source: SourceDep) -> dict[str, Any]:
+    with transaction(runtime.audit, write=False) as conn:
+        report = verify_chain(conn)
+    _record(
+        runtime,
+        current,
+        source,
+        "audit.verified",
+        {"intact": report.intact, "events_checked": report.events_checked},
+    )
+    return report.as_dict()

@@ -1,0 +1,49 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from echo_auth.db import migrate
+from echo_auth.runtime import Runtime
+from echo_auth.web.problems import problem
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up and serving; says nothing about the databases."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=None)
+def readyz(request: Request) -> dict[str, object] | Response:
+    """Both databases reachable and their migrations at head; 503 otherwise."""
+    runtime: Runtime = request.app.state.runtime
+    checks: dict[str, str] = {}
+    for name, engine in (("identity", runtime.identity), ("audit", runtime.audit)):
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            at_head = migrate.is_at_head(engine, name)  # type: ignore[arg-type]
+            checks[name] = "ok" if at_head else "migrations pending"
+        except DBAPIError:
+            checks[name] = "unreachable"
+    if all(v == "ok" for v in checks.values()):
+        return {"status": "ready", "checks": checks}
+    return problem(
+        503,
+        "not_ready",
+        "; ".join(f"{k}: {v}" for k, v in checks.items() if v != "ok"),
+        checks=checks,
+    )
+
+
+@router.get("/metrics")
+def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics_registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,180 @@
+"""RFC 9457 problem details: the one error shape of the HTTP API.
+
+Every error answer is ``application/problem+json`` with a stable ``code``. Domain
+exceptions are mapped here and only here; anything unexpected becomes a 500 without a
+traceback, and a database that cannot be reached becomes a 503 that clients may retry.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from echo_auth.audit.search import InvalidQuery
+from echo_auth.config import ConfigurationError
+from echo_auth.identity.auth import AccountDisabled
+from echo_auth.identity.errors import (
+    DomainError,
+    Forbidden,
+    InvalidCredentials,
+    InvalidInput,
+    InvalidToken,
+    NotAuthenticated,
+    NotFound,
+    Overloaded,
+)
+from echo_auth.identity.provisioning import EmailTaken
+
+log = logging.getLogger("echo_auth.web")
+
+PROBLEM_JSON = "application/problem+json"
+
+_STATUS: dict[type[DomainError], int] = {
+    InvalidCredentials: 401,
+    NotAuthenticated: 401,
+    AccountDisabled: 403,
+    Forbidden: 403,
+    NotFound: 404,
+    EmailTaken: 409,
+    InvalidToken: 400,
+    InvalidInput: 422,
+    Overloaded: 503,
+}
+
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def problem(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": f"https://echo.dev/problems/{code}",
+        "title": _TITLES.get(status, "Error"),
+        "status": status,
+        "code": code,
+        "detail": detail,
+    }
+    if request_id:
+        body["request_id"] = request_id
+    body.update(extra)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+def status_for(exc: DomainError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return 400
+
+
+def install(app: FastAPI) -> None:
+    async def domain_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, DomainError)
+        status = status_for(exc)
+        headers: dict[str, str] = {}
+        if status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="echo"'
+        if isinstance(exc, Overloaded):
+            headers["Retry-After"] = "1"
+        extra: dict[str, Any] = {}
+        if isinstance(exc, InvalidInput):
+            extra["errors"] = [{"field": exc.field, "message": exc.message}]
+        return problem(
+            status, exc.code, exc.message, request_id=_request_id(request), headers=headers, **extra
+        )
+
+    async def invalid_query(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, InvalidQuery)
+        return problem(
+            422,
+            "validation_error",
+            str(exc),
+            request_id=_request_id(request),
+            errors=[{"field": exc.field, "message": str(exc)}],
+        )
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = [
+            {
+                "field": ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body",
+                "message": str(err.get("msg", "invalid")),
+            }
+            for err in exc.errors()
+        ]
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
+        return problem(
+            422, "validation_error", detail, request_id=_request_id(request), errors=errors
+        )
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status_code, "http_error"
+        )
+        return problem(
+            exc.status_code,
+            code,
+            str(exc.detail),
+            request_id=_request_id(request),
+            headers=dict(exc.headers or {}),
+        )
+
+    async def database_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("database unavailable: %s", type(exc).__name__)
+        return problem(
+            503,
+            "service_unavailable",
+            "a database is unavailable; try again shortly",
+            request_id=_request_id(request),
+            headers={"Retry-After": "5"},
+        )
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return await database_error(request, exc)
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return problem(
+            500, "internal_error", "an unexpected error occurred", request_id=_request_id(request)
+        )
+
+    async def configuration_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("configuration error: %s", exc)
+        return problem(500, "configuration_error", str(exc), request_id=_request_id(request))
+
+    app.add_exception_handler(DomainError, domain_error)
+    app.add_exception_handler(InvalidQuery, invalid_query)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(OperationalError, database_error)
+    app.add_exception_handler(ConfigurationError, configuration_error)
+    app.add_exception_handler(Exception, unexpected)
