@@ -63,6 +63,7 @@ def create_app(
     settings: Settings, *, runtime: Runtime | None = None, run_relay_in_process: bool = False
 ) -> FastAPI:
     """Build the ASGI app. ``run_relay_in_process`` starts a relay thread with the app."""
+    owns_runtime = runtime is None
     runtime = runtime or Runtime(settings)
     relay_stats = RelayStats()
     registry = CollectorRegistry()
@@ -76,8 +77,8 @@ def create_app(
         if run_relay_in_process:
             relay_thread = threading.Thread(
                 target=run_relay,
-                args=(runtime.identity, runtime.audit, runtime.relay_policy, stop),
-                kwargs={"stats": relay_stats},
+                args=(runtime.relay_identity, runtime.audit, runtime.relay_policy, stop),
+                kwargs={"stats": relay_stats, "checkpointer": runtime.checkpointer},
                 name="echo-relay",
                 daemon=True,
             )
@@ -88,7 +89,8 @@ def create_app(
             stop.set()
             if relay_thread is not None:
                 relay_thread.join(timeout=10)
-            runtime.close()
+            if owns_runtime:
+                runtime.close()
 
     app = FastAPI(
         title="Echo",

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     identity_db_url: str = ""
     audit_db_url: str = ""
+    # Least privilege on MySQL (see `echo-auth db grants`): the relay's account for the
+    # outbox, and a read-only account for audit reads. Both default to the URLs above.
+    relay_identity_db_url: str = ""
+    audit_read_db_url: str = ""
     base_url: str = "http://127.0.0.1:8000"
     smtp_url: str | None = None
     checkpoint_dir: Path | None = None
@@ -51,6 +55,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     trusted_proxies: list[str] = Field(default_factory=list)
 
+    # Signed checkpoints of the audit chain.
+    checkpoint_key_file: Path | None = None
+    checkpoint_every_events: int = Field(default=1000, ge=1)
+    checkpoint_every_s: float = Field(default=60.0, gt=0)
+    checkpoint_origin: str = Field(default="echo-audit", min_length=1, max_length=200)
+
     # Relay.
     relay_batch_size: int = Field(default=500, ge=1, le=5000)
     relay_idle_sleep_s: float = Field(default=0.2, gt=0)
@@ -58,7 +68,9 @@ class Settings(BaseSettings):
     relay_backoff_base_s: float = Field(default=1.0, gt=0)
     relay_backoff_max_s: float = Field(default=60.0, gt=0)
 
-    @field_validator("identity_db_url", "audit_db_url")
+    @field_validator(
+        "identity_db_url", "audit_db_url", "relay_identity_db_url", "audit_read_db_url"
+    )
     @classmethod
     def _strip(cls, value: str) -> str:
         return value.strip()
@@ -69,6 +81,12 @@ class Settings(BaseSettings):
             self.identity_db_url = f"sqlite:///{self.data_dir / 'identity.db'}"
         if not self.audit_db_url:
             self.audit_db_url = f"sqlite:///{self.data_dir / 'audit.db'}"
+        if not self.relay_identity_db_url:
+            self.relay_identity_db_url = self.identity_db_url
+        if not self.audit_read_db_url:
+            self.audit_read_db_url = self.audit_db_url
+        if self.checkpoint_key_file is None:
+            self.checkpoint_key_file = self.data_dir / "keys" / "checkpoint-ed25519.pem"
         if self.checkpoint_dir is None:
             self.checkpoint_dir = self.data_dir / "checkpoints"
         if self.backup_dir is None:

@@ -13,13 +13,20 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import Engine
 
+from echo_auth.audit.checkpoints import (
+    Checkpointer,
+    CheckpointPolicy,
+    DirectorySink,
+    load_or_create_key,
+)
 from echo_auth.audit.events import Actor, Source
 from echo_auth.audit.relay import RelayPolicy
 from echo_auth.config import Settings
 from echo_auth.db import migrate
-from echo_auth.db.engines import make_engine
+from echo_auth.db.engines import make_engine, normalize_url
 from echo_auth.identity.auth import AuthService
 from echo_auth.identity.passwords import Argon2Hasher, Argon2Params
 from echo_auth.identity.sessions import SessionPolicy
@@ -42,6 +49,60 @@ class Runtime:
         engine = make_engine(self.settings.audit_db_url, pool_size=self.pool_size)
         self._engines.append(engine)
         return engine
+
+    def _engine_for(self, url: str, *candidates: str) -> Engine:
+        """Share an engine between roles that use the very same URL."""
+        for name in candidates:
+            existing = self.__dict__.get(name)
+            if existing is not None and str(existing.url) == str(normalize_url(url)):
+                return existing  # type: ignore[no-any-return]
+        engine = make_engine(url, pool_size=self.pool_size)
+        self._engines.append(engine)
+        return engine
+
+    @cached_property
+    def relay_identity(self) -> Engine:
+        """The relay's connection to the outbox (claim and delete)."""
+        s = self.settings
+        if s.relay_identity_db_url == s.identity_db_url:
+            return self.identity
+        return self._engine_for(s.relay_identity_db_url)
+
+    @cached_property
+    def audit_reader(self) -> Engine:
+        """Read-only access to the audit log for search, export and verify."""
+        s = self.settings
+        if s.audit_read_db_url == s.audit_db_url:
+            return self.audit
+        return self._engine_for(s.audit_read_db_url)
+
+    @cached_property
+    def checkpoint_key(self) -> Ed25519PrivateKey:
+        assert self.settings.checkpoint_key_file is not None
+        return load_or_create_key(self.settings.checkpoint_key_file)
+
+    @cached_property
+    def checkpoint_public_key(self) -> Ed25519PublicKey:
+        return self.checkpoint_key.public_key()
+
+    @cached_property
+    def checkpoint_sink(self) -> DirectorySink:
+        assert self.settings.checkpoint_dir is not None
+        return DirectorySink(self.settings.checkpoint_dir)
+
+    @cached_property
+    def checkpointer(self) -> Checkpointer:
+        s = self.settings
+        return Checkpointer(
+            audit=self.audit,
+            key=self.checkpoint_key,
+            sink=self.checkpoint_sink,
+            origin=s.checkpoint_origin,
+            policy=CheckpointPolicy(
+                every_events=s.checkpoint_every_events,
+                every=timedelta(seconds=s.checkpoint_every_s),
+            ),
+        )
 
     @cached_property
     def hasher(self) -> Argon2Hasher:

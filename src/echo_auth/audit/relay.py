@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,7 @@ from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from echo_auth.audit.chain import MalformedPayload, QueuedEvent, append_to_chain
+from echo_auth.audit.checkpoints import Checkpoint, Checkpointer
 from echo_auth.audit.events import Actor, AuditEvent, Target
 from echo_auth.audit.outbox import enqueue_event
 from echo_auth.db.engines import transaction
@@ -211,11 +213,20 @@ def run_relay(
     stop: threading.Event,
     on_batch: Callable[[BatchResult], None] | None = None,
     stats: RelayStats | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> None:
-    """Relay until ``stop`` is set. Never raises for database trouble: it backs off."""
+    """Relay until ``stop`` is set. Never raises for database trouble: it backs off.
+
+    With a ``checkpointer`` it also signs the chain head when due (every N events or T
+    seconds, idle or not); at most one look per second.
+    """
     stats = stats or RelayStats()
     unavailable_for = 0
+    next_checkpoint_look = 0.0
     while not stop.is_set():
+        if checkpointer is not None and time.monotonic() >= next_checkpoint_look:
+            next_checkpoint_look = time.monotonic() + 1.0
+            try_checkpoint(checkpointer)
         try:
             result = deliver_batch(identity, audit, policy)
         except (AuditUnavailable, DBAPIError) as exc:
@@ -233,3 +244,12 @@ def run_relay(
             on_batch(result)
         if result.claimed < policy.batch_size:
             stop.wait(policy.idle_sleep_s)
+
+
+def try_checkpoint(checkpointer: Checkpointer, *, force: bool = False) -> Checkpoint | None:
+    """Sign a checkpoint if due; trouble is logged, never raised (the relay must go on)."""
+    try:
+        return checkpointer.maybe_checkpoint(force=force)
+    except (DBAPIError, OSError) as exc:
+        log.warning("could not sign a checkpoint: %s", _short(exc))
+        return None

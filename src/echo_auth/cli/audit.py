@@ -8,6 +8,7 @@ import sys
 import click
 from sqlalchemy.exc import DBAPIError
 
+from echo_auth.audit.checkpoints import public_key_pem
 from echo_auth.audit.dead_letters import list_dead_letters, retry_dead_letters
 from echo_auth.audit.events import Target
 from echo_auth.audit.pipeline import pipeline_status
@@ -65,7 +66,7 @@ def search(
         q=q,
     )
     runtime = ctx.runtime
-    with transaction(runtime.audit, write=False) as conn:
+    with transaction(runtime.audit_reader, write=False) as conn:
         page = search_events(conn, f, cursor=cursor, limit=limit)
     record_operator_event(
         runtime, "audit.searched", metadata={"filters": f.describe(), "returned": len(page.events)}
@@ -92,22 +93,33 @@ def search(
 def verify(ctx: CliContext, as_json: bool) -> None:
     """Recompute the hash chain; exit 0 if intact, 1 if tampered, 2 if it could not run."""
     runtime = ctx.runtime
-    with transaction(runtime.audit, write=False) as conn:
+    public_key = runtime.checkpoint_public_key
+    with transaction(runtime.audit_reader, write=False) as conn:
         total = count_events(conn)
         with progress_bar("verifying", total) as advance:
-            report = verify_chain(conn, progress=advance)
+            report = verify_chain(
+                conn,
+                public_key=public_key,
+                external=runtime.checkpoint_sink.read_all(),
+                progress=advance,
+            )
     record_operator_event(
         runtime,
         "audit.verified",
         outcome="success" if report.intact else "failure",
         reason=None if report.intact else "tampered",
-        metadata={"events_checked": report.events_checked, "problems": report.problems_total},
+        metadata={
+            "events_checked": report.events_checked,
+            "problems": report.problems_total + len(report.checkpoint_issues),
+        },
     )
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
         for problem in report.problems:
-            click.echo(f"seq {problem.seq}: {problem.kind}: {problem.detail}")
+            click.echo(problem.describe())
+        for issue in report.checkpoint_issues:
+            click.echo(issue.describe())
         click.echo(report.summary())
     if not report.intact:
         sys.exit(EXIT_CHECK_FAILED)
@@ -122,7 +134,7 @@ def pipeline(ctx: CliContext, as_json: bool) -> None:
     runtime = ctx.runtime
     with transaction(runtime.identity, write=False) as iconn:
         try:
-            with transaction(runtime.audit, write=False) as aconn:
+            with transaction(runtime.audit_reader, write=False) as aconn:
                 status = pipeline_status(iconn, aconn)
         except DBAPIError:
             status = pipeline_status(iconn, None)
@@ -161,3 +173,24 @@ def dead_letters(ctx: CliContext, retry: bool) -> None:
             f"{letter.event_id}  attempts={letter.attempts}  "
             f"dead_at={letter.dead_at:%Y-%m-%dT%H:%M:%SZ}  error={letter.last_error}"
         )
+
+
+@audit.command("checkpoint")
+@click.option("--public-key", "show_key", is_flag=True, help="Print the public key (PEM) and exit.")
+@pass_ctx
+@one_line_errors
+def checkpoint(ctx: CliContext, show_key: bool) -> None:
+    """Sign a checkpoint of the chain head now (database and checkpoint directory)."""
+    runtime = ctx.runtime
+    if show_key:
+        click.echo(public_key_pem(runtime.checkpoint_public_key), nl=False)
+        return
+    made = runtime.checkpointer.maybe_checkpoint(force=True)
+    assert made is not None
+    record_operator_event(
+        runtime, "system.checkpoint.signed", metadata={"seq": made.seq, "key_id": made.key_id}
+    )
+    click.echo(
+        f"signed checkpoint at seq {made.seq} hash {made.hash} "
+        f"-> {runtime.checkpoint_sink.directory / made.file_stem}.json"
+    )

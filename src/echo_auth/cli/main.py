@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import click
 from sqlalchemy.exc import DBAPIError
 
+from echo_auth.audit.checkpoints import CheckpointKeyError
 from echo_auth.audit.search import InvalidQuery
 from echo_auth.config import ConfigurationError, Settings, load_settings
 from echo_auth.identity.errors import DomainError
@@ -57,7 +58,7 @@ def one_line_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ConfigurationError, DomainError, InvalidQuery) as exc:
+        except (ConfigurationError, DomainError, InvalidQuery, CheckpointKeyError) as exc:
             fail(str(getattr(exc, "message", exc)))
         except DBAPIError as exc:
             reason = str(getattr(exc, "orig", exc)).splitlines()[0][:300]

@@ -10,7 +10,7 @@ from types import FrameType
 
 import click
 
-from echo_auth.audit.relay import AuditUnavailable, drain, run_relay
+from echo_auth.audit.relay import AuditUnavailable, drain, run_relay, try_checkpoint
 from echo_auth.cli.main import CliContext, cli, fail, one_line_errors, pass_ctx
 from echo_auth.db import migrate
 from echo_auth.db.engines import transaction
@@ -88,10 +88,12 @@ def relay(ctx: CliContext, once: bool) -> None:
     runtime = ctx.runtime
     if once:
         try:
-            moved = drain(runtime.identity, runtime.audit, runtime.relay_policy)
+            moved = drain(runtime.relay_identity, runtime.audit, runtime.relay_policy)
         except AuditUnavailable as exc:
             fail(f"the audit database is unreachable: {exc}")
-        click.echo(f"delivered {moved} events")
+        checkpoint = try_checkpoint(runtime.checkpointer)
+        signed = f"; signed a checkpoint at seq {checkpoint.seq}" if checkpoint else ""
+        click.echo(f"delivered {moved} events{signed}")
         return
     stop = threading.Event()
 
@@ -101,4 +103,10 @@ def relay(ctx: CliContext, once: bool) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     click.echo("relay running; Ctrl-C to stop", err=True)
-    run_relay(runtime.identity, runtime.audit, runtime.relay_policy, stop)
+    run_relay(
+        runtime.relay_identity,
+        runtime.audit,
+        runtime.relay_policy,
+        stop,
+        checkpointer=runtime.checkpointer,
+    )

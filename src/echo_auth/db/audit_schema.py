@@ -44,6 +44,27 @@ audit_events = Table(
     Index(None, "occurred_at"),
 )
 
+# Signed statements of the chain head. Each is also written outside the database (see
+# echo_auth.audit.checkpoints); verification compares the two copies with the chain.
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("seq", BigInteger(), nullable=False),
+    Column("hash", CHAR(64), nullable=False),
+    Column("signed_at", UTCDateTime(), nullable=False),
+    Column("key_id", String(32), nullable=False),
+    # The exact signed bytes (canonical JSON) and the Ed25519 signature, base64.
+    Column("statement", Text(), nullable=False),
+    Column("signature", String(128), nullable=False),
+    Index(None, "seq"),
+)
+
+# Tables that no one may UPDATE or DELETE, enforced by triggers (migration 0002).
+APPEND_ONLY_TABLES = ("audit_events", "checkpoints")
+
 # One row (id = 1): the chain's head. Appends lock it, one lock per batch.
 chain_head = Table(
     "chain_head",

@@ -18,6 +18,7 @@ _HERE = Path(__file__).parent / "migrations"
 def alembic_config(which: Database) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(_HERE / which))
+    cfg.set_main_option("path_separator", "os")
     cfg.set_main_option("version_locations", str(_HERE / which / "versions"))
     return cfg
 

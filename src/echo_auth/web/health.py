@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from echo_auth.audit.checkpoints import public_key_pem
 from echo_auth.db import migrate
 from echo_auth.runtime import Runtime
 from echo_auth.web.problems import problem
@@ -25,7 +27,7 @@ def readyz(request: Request) -> dict[str, object] | Response:
     """Both databases reachable and their migrations at head; 503 otherwise."""
     runtime: Runtime = request.app.state.runtime
     checks: dict[str, str] = {}
-    for name, engine in (("identity", runtime.identity), ("audit", runtime.audit)):
+    for name, engine in (("identity", runtime.identity), ("audit", runtime.audit_reader)):
         try:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
@@ -41,6 +43,13 @@ def readyz(request: Request) -> dict[str, object] | Response:
         "; ".join(f"{k}: {v}" for k, v in checks.items() if v != "ok"),
         checks=checks,
     )
+
+
+@router.get("/.well-known/echo-checkpoint-key.pem", response_class=PlainTextResponse)
+def checkpoint_public_key(request: Request) -> str:
+    """The Ed25519 public key that verifies the audit log's signed checkpoints (PEM)."""
+    runtime: Runtime = request.app.state.runtime
+    return public_key_pem(runtime.checkpoint_public_key)
 
 
 @router.get("/metrics")

@@ -92,7 +92,7 @@ def list_events(
     limit: Annotated[int | None, Query()] = None,
 ) -> EventPage:
     f = filter_from_query(actor, action, target, outcome, ip, since, until, q)
-    with transaction(runtime.audit, write=False) as conn:
+    with transaction(runtime.audit_reader, write=False) as conn:
         page = search_events(conn, f, cursor=cursor, limit=limit)
     _record(
         runtime,
@@ -110,7 +110,7 @@ def one_event(
 ) -> dict[str, Any]:
     if len(event_id) > 36:
         raise InvalidQuery("event_id", "not an event id")
-    with transaction(runtime.audit, write=False) as conn:
+    with transaction(runtime.audit_reader, write=False) as conn:
         event = get_event(conn, event_id)
     _record(
         runtime,
@@ -129,7 +129,7 @@ def one_event(
 def pipeline(current: AuditReader, runtime: RuntimeDep, source: SourceDep) -> dict[str, Any]:
     with transaction(runtime.identity, write=False) as iconn:
         try:
-            with transaction(runtime.audit, write=False) as aconn:
+            with transaction(runtime.audit_reader, write=False) as aconn:
                 status = pipeline_status(iconn, aconn)
         except DBAPIError:  # the outbox still reports when the audit DB is down
             status = pipeline_status(iconn, None)
@@ -139,13 +139,21 @@ def pipeline(current: AuditReader, runtime: RuntimeDep, source: SourceDep) -> di
 
 @router.get("/verify")
 def verify(current: AuditReader, runtime: RuntimeDep, source: SourceDep) -> dict[str, Any]:
-    with transaction(runtime.audit, write=False) as conn:
-        report = verify_chain(conn)
+    with transaction(runtime.audit_reader, write=False) as conn:
+        report = verify_chain(
+            conn,
+            public_key=runtime.checkpoint_public_key,
+            external=runtime.checkpoint_sink.read_all(),
+        )
     _record(
         runtime,
         current,
         source,
         "audit.verified",
-        {"intact": report.intact, "events_checked": report.events_checked},
+        {
+            "intact": report.intact,
+            "events_checked": report.events_checked,
+            "problems": report.problems_total + len(report.checkpoint_issues),
+        },
     )
     return report.as_dict()

@@ -1,0 +1,49 @@
+# Scripts to rule them all: each target does one obvious thing, for people and CI alike.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+export ECHO_DATA_DIR ?= ./var
+
+.PHONY: run test lint fmt typecheck bench clean
+
+# The runtime install (what `make run` needs) and the dev install (tests, lint, types).
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "Echo needs Python 3.11 or newer (set PYTHON=...)"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+## run: install, migrate the embedded SQLite databases under ./var, serve on :8000
+run: $(VENV)/.installed
+	$(BIN)/echo-auth db upgrade
+	exec $(BIN)/echo-auth serve
+
+## test: lint, type-check and the whole suite, on SQLite and MySQL/MariaDB
+test: $(VENV)/.installed-dev lint typecheck
+	PY=$(BIN)/python scripts/ensure-mysql
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+fmt: $(VENV)/.installed-dev
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy
+
+## bench: the benchmarks in bench/ (results in bench/results/)
+bench: $(VENV)/.installed-dev
+	PY=$(BIN)/python scripts/ensure-mysql
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

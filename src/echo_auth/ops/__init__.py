@@ -1,0 +1,1 @@
+"""Operations: least-privilege accounts, backups, moving the audit database."""
