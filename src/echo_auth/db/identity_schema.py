@@ -45,6 +45,7 @@ users = Table(
     Column("email_verified_at", UTCDateTime(), nullable=True),
     Column("disabled_at", UTCDateTime(), nullable=True),
     Column("mfa_enabled", Boolean(), nullable=False, server_default="0"),
+    Column("password_changed_at", UTCDateTime(), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
 )
@@ -76,6 +77,56 @@ one_time_tokens = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("expires_at", UTCDateTime(), nullable=False),
     Column("used_at", UTCDateTime(), nullable=True),
+)
+
+# TOTP factor: one per user. ``confirmed_at`` is set once a first code proved the enrolment;
+# ``last_used_step`` refuses a code (time step) that was already used.
+mfa_totp = Table(
+    "mfa_totp",
+    metadata,
+    Column("user_id", String(36), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("secret", String(64), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("confirmed_at", UTCDateTime(), nullable=True),
+    Column("last_used_step", BigInteger(), nullable=True),
+)
+
+recovery_codes = Table(
+    "recovery_codes",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("user_id", String(36), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("code_hash", String(64), nullable=False, unique=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("used_at", UTCDateTime(), nullable=True),
+    Index(None, "user_id"),
+)
+
+# Brute-force counters, one row per key ("account:<id>", "ip:<addr>", "device:<id>", ...).
+# Attempts are reserved with one conditional UPDATE, so parallel guesses cannot exceed
+# the limit.
+login_throttles = Table(
+    "login_throttles",
+    metadata,
+    Column("key", String(128), primary_key=True),
+    Column("failures", Integer(), nullable=False, server_default="0"),
+    Column("in_flight", Integer(), nullable=False, server_default="0"),
+    Column("locked_until", UTCDateTime(), nullable=True),
+    Column("lockouts", Integer(), nullable=False, server_default="0"),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+# Devices that logged in successfully before (the OWASP device-cookie defence): their
+# attempts are counted on their own, so failures from elsewhere cannot lock them out.
+known_devices = Table(
+    "known_devices",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("user_id", String(36), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("last_used_at", UTCDateTime(), nullable=False),
+    Index(None, "user_id"),
 )
 
 audit_outbox = Table(

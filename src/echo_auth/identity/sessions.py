@@ -120,3 +120,22 @@ def revoke_session(conn: Connection, session_id: str, reason: str) -> bool:
         .values(revoked_at=datetime.now(UTC), revoked_reason=reason)
     )
     return result.rowcount == 1
+
+
+def revoke_user_sessions(
+    conn: Connection, user_id: str, reason: str, *, keep: str | None = None
+) -> list[str]:
+    """Revoke every live session of a user (but ``keep``); returns the revoked ids."""
+    live = select(sessions.c.id).where(
+        sessions.c.user_id == user_id, sessions.c.revoked_at.is_(None)
+    )
+    if keep is not None:
+        live = live.where(sessions.c.id != keep)
+    ids = list(conn.execute(live).scalars().all())
+    if ids:
+        conn.execute(
+            update(sessions)
+            .where(sessions.c.id.in_(ids), sessions.c.revoked_at.is_(None))
+            .values(revoked_at=datetime.now(UTC), revoked_reason=reason)
+        )
+    return ids

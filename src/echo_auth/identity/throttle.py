@@ -1,0 +1,207 @@
+"""Brute-force protection: counters per account, per source IP, per known device.
+
+Every password or MFA attempt first *reserves* a slot on each of its keys with one
+conditional UPDATE (``failures < limit``), committed before the slow check runs. Fifty
+parallel guesses therefore get exactly ``limit`` tries, never more: the counting is done
+by the database, not by reading a number and writing it back (the race of Zitadel's
+GHSA-7h8m-vrxx-vr4m). A success gives the account's slot back; a failure keeps it, and
+the attempt that uses up the last slot locks the key for a delay that doubles with each
+lock (capped).
+
+Keys:
+
+* ``email:<hash>`` for the address being tried (known or not, so the throttle itself
+  reveals nothing);
+* ``ip:<addr>`` for the source address, with a larger limit; a success does not reset it
+  (an attacker must not clear it by logging into an account of their own);
+* ``device:<id>`` replaces the email key for a browser that presents a valid device
+  cookie of that account (OWASP's device cookies): failures from elsewhere do not lock
+  the account's owner out of their own device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from sqlalchemy import Connection, Engine, and_, insert, or_, select, update
+
+from echo_auth.db.engines import transaction
+from echo_auth.db.identity_schema import login_throttles
+from echo_auth.identity.errors import DomainError
+
+Scope = Literal["email", "ip", "device", "mfa"]
+
+
+class RateLimited(DomainError):
+    """Too many attempts; wait before trying again."""
+
+    code = "rate_limited"
+    keep_work = True
+
+    def __init__(self, retry_after: int, scope: Scope) -> None:
+        super().__init__(f"too many attempts; try again in {retry_after} seconds")
+        self.retry_after = retry_after
+        self.scope = scope
+
+
+@dataclass(frozen=True)
+class Limit:
+    attempts: int
+    lock: timedelta
+    max_lock: timedelta
+    window: timedelta
+    reset_on_success: bool = True
+
+    def lock_for(self, lockouts: int) -> timedelta:
+        return min(self.max_lock, self.lock * (2 ** min(lockouts, 16)))
+
+
+@dataclass(frozen=True)
+class ThrottlePolicy:
+    account: Limit = Limit(5, timedelta(seconds=30), timedelta(minutes=15), timedelta(minutes=15))
+    ip: Limit = Limit(
+        50, timedelta(minutes=1), timedelta(minutes=30), timedelta(minutes=15), False
+    )
+    mfa: Limit = Limit(5, timedelta(seconds=30), timedelta(minutes=15), timedelta(minutes=15))
+
+    def limit(self, scope: Scope) -> Limit:
+        if scope == "ip":
+            return self.ip
+        if scope == "mfa":
+            return self.mfa
+        return self.account
+
+
+@dataclass(frozen=True)
+class Key:
+    scope: Scope
+    value: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.scope}:{self.value}"[:128]
+
+    @classmethod
+    def email(cls, email: str) -> Key:
+        return cls("email", hashlib.sha256(email.encode()).hexdigest()[:40])
+
+
+@dataclass(frozen=True)
+class LockStarted:
+    key: Key
+    until: datetime
+
+
+def _ensure_rows(conn: Connection, names: Sequence[str], now: datetime) -> None:
+    existing = set(
+        conn.execute(select(login_throttles.c.key).where(login_throttles.c.key.in_(names)))
+        .scalars()
+        .all()
+    )
+    missing = [n for n in names if n not in existing]
+    if missing:
+        stmt = (
+            insert(login_throttles)
+            .prefix_with("IGNORE", dialect="mysql")
+            .prefix_with("OR IGNORE", dialect="sqlite")
+        )
+        conn.execute(stmt, [{"key": n, "failures": 0, "updated_at": now} for n in missing])
+
+
+class Throttle:
+    def __init__(self, engine: Engine, policy: ThrottlePolicy) -> None:
+        self.engine = engine
+        self.policy = policy
+
+    def reserve(self, keys: Sequence[Key]) -> None:
+        """Take one attempt on every key, or raise :class:`RateLimited` taking none.
+
+        Commits on its own, before the caller's slow check, so that concurrent attempts
+        see each other's reservations.
+        """
+        now = datetime.now(UTC)
+        names = [k.name for k in keys]
+        with transaction(self.engine) as conn:
+            _ensure_rows(conn, names, now)
+            for key in keys:
+                limit = self.policy.limit(key.scope)
+                c = login_throttles.c
+                # A lock that has run out, or failures older than the window, start over.
+                conn.execute(
+                    update(login_throttles)
+                    .where(
+                        c.key == key.name,
+                        or_(
+                            and_(c.locked_until.is_not(None), c.locked_until <= now),
+                            and_(c.locked_until.is_(None), c.updated_at < now - limit.window),
+                        ),
+                    )
+                    .values(failures=0, locked_until=None, updated_at=now)
+                )
+                taken = conn.execute(
+                    update(login_throttles)
+                    .where(
+                        c.key == key.name,
+                        c.failures < limit.attempts,
+                        c.locked_until.is_(None),
+                    )
+                    .values(failures=c.failures + 1, updated_at=now)
+                ).rowcount
+                if taken != 1:
+                    locked_until = conn.execute(
+                        select(c.locked_until).where(c.key == key.name)
+                    ).scalar_one()
+                    retry = (locked_until - now).total_seconds() if locked_until else 1.0
+                    conn.rollback()  # give back the slots taken on the earlier keys
+                    raise RateLimited(max(1, int(retry + 0.999)), key.scope)
+
+    def failed(self, conn: Connection, keys: Sequence[Key]) -> list[LockStarted]:
+        """The attempt failed: its slots stay used; a key that is now full gets locked."""
+        now = datetime.now(UTC)
+        started: list[LockStarted] = []
+        c = login_throttles.c
+        for key in keys:
+            limit = self.policy.limit(key.scope)
+            row = conn.execute(
+                select(c.failures, c.lockouts, c.locked_until).where(c.key == key.name)
+            ).first()
+            if row is None or row.failures < limit.attempts or row.locked_until is not None:
+                continue
+            until = now + limit.lock_for(row.lockouts)
+            locked = conn.execute(
+                update(login_throttles)
+                .where(c.key == key.name, c.locked_until.is_(None))
+                .values(locked_until=until, lockouts=c.lockouts + 1, updated_at=now)
+            ).rowcount
+            if locked == 1:
+                started.append(LockStarted(key, until))
+        return started
+
+    def succeeded(self, conn: Connection, keys: Sequence[Key]) -> None:
+        """The attempt succeeded: give back account slots (not IP ones) and clear lockouts."""
+        now = datetime.now(UTC)
+        for key in keys:
+            if not self.policy.limit(key.scope).reset_on_success:
+                continue
+            conn.execute(
+                update(login_throttles)
+                .where(login_throttles.c.key == key.name)
+                .values(failures=0, lockouts=0, locked_until=None, updated_at=now)
+            )
+
+    def unlock(self, conn: Connection, keys: Sequence[Key]) -> int:
+        """Lift locks (an admin's unlock); returns how many keys were locked."""
+        now = datetime.now(UTC)
+        result = conn.execute(
+            update(login_throttles)
+            .where(
+                login_throttles.c.key.in_([k.name for k in keys]),
+                login_throttles.c.locked_until.is_not(None),
+            )
+            .values(failures=0, locked_until=None, updated_at=now)
+        )
+        return int(result.rowcount)
