@@ -1,0 +1,1 @@
+"""Echo's benchmark harness: ``python -m bench [NAME...]`` (see bench/README.md)."""

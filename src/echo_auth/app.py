@@ -23,8 +23,13 @@ from echo_auth.config import Settings
 from echo_auth.db.engines import transaction
 from echo_auth.runtime import Runtime
 from echo_auth.web import health, problems
+from echo_auth.web.api import account as account_api
+from echo_auth.web.api import admin as admin_api
 from echo_auth.web.api import audit as audit_api
 from echo_auth.web.api import auth as auth_api
+from echo_auth.web.api import mfa as mfa_api
+from echo_auth.web.api import recovery as recovery_api
+from echo_auth.web.api import tokens as tokens_api
 from echo_auth.web.middleware import EchoMiddleware, HttpMetrics
 
 log = logging.getLogger("echo_auth")
@@ -102,7 +107,12 @@ def create_app(
     app.state.metrics_registry = registry
     problems.install(app)
     app.include_router(auth_api.router)
+    app.include_router(account_api.router)
+    app.include_router(admin_api.router)
     app.include_router(audit_api.router)
+    app.include_router(mfa_api.router)
+    app.include_router(recovery_api.router)
+    app.include_router(tokens_api.router)
     app.include_router(health.router)
     app.add_middleware(
         EchoMiddleware,

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     audit_read_db_url: str = ""
     base_url: str = "http://127.0.0.1:8000"
     smtp_url: str | None = None
+    # Mail (see identity/mail.py): the sender, the SMTP timeout, the life of mailed links.
+    mail_from: str = Field(default="Echo <no-reply@localhost>", min_length=3, max_length=320)
+    smtp_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    verify_token_ttl_s: int = Field(default=60 * 60 * 24, ge=60)
+    reset_token_ttl_s: int = Field(default=60 * 60, ge=60)
     checkpoint_dir: Path | None = None
     backup_dir: Path | None = None
 
@@ -51,14 +56,30 @@ class Settings(BaseSettings):
     session_touch_interval_s: int = Field(default=300, ge=1)
     bootstrap_token_ttl_s: int = Field(default=60 * 60 * 24, ge=60)
 
+    # JWT access tokens (EdDSA, keys in $ECHO_DATA_DIR/keys/jwt/) and TOTP.
+    jwt_ttl_s: int = Field(default=300, ge=30, le=60 * 60 * 24)
+    jwt_issuer: str = ""  # empty: the base URL
+    jwt_audience: str = Field(default="echo", min_length=1, max_length=200)
+    totp_issuer: str = Field(default="Echo", min_length=1, max_length=100)
+
+    # Brute-force protection (see identity/throttle.py).
+    login_max_failures: int = Field(default=5, ge=1, le=1000)
+    login_lock_s: int = Field(default=30, ge=1)
+    login_max_lock_s: int = Field(default=900, ge=1)
+    ip_max_failures: int = Field(default=50, ge=1, le=100000)
+    throttle_window_s: int = Field(default=900, ge=1)
+
     # HTTP.
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     trusted_proxies: list[str] = Field(default_factory=list)
 
     # Signed checkpoints of the audit chain.
     checkpoint_key_file: Path | None = None
+    # Verification needs only the public key; default: beside the private key (.pub.pem).
+    checkpoint_public_key_file: Path | None = None
     checkpoint_every_events: int = Field(default=1000, ge=1)
     checkpoint_every_s: float = Field(default=60.0, gt=0)
+    checkpoint_idle_every_s: float = Field(default=3600.0, gt=0)
     checkpoint_origin: str = Field(default="echo-audit", min_length=1, max_length=200)
 
     # Relay.
@@ -87,10 +108,16 @@ class Settings(BaseSettings):
             self.audit_read_db_url = self.audit_db_url
         if self.checkpoint_key_file is None:
             self.checkpoint_key_file = self.data_dir / "keys" / "checkpoint-ed25519.pem"
+        if self.checkpoint_public_key_file is None:
+            self.checkpoint_public_key_file = self.checkpoint_key_file.with_name(
+                self.checkpoint_key_file.name.removesuffix(".pem") + ".pub.pem"
+            )
         if self.checkpoint_dir is None:
             self.checkpoint_dir = self.data_dir / "checkpoints"
         if self.backup_dir is None:
             self.backup_dir = self.data_dir / "backups"
+        if not self.jwt_issuer:
+            self.jwt_issuer = self.base_url
         return self
 
     @property

@@ -21,15 +21,22 @@ from echo_auth.audit.checkpoints import (
     CheckpointPolicy,
     DirectorySink,
     load_or_create_key,
+    load_public_key_file,
 )
 from echo_auth.audit.events import Actor, Source
 from echo_auth.audit.relay import RelayPolicy
 from echo_auth.config import Settings
 from echo_auth.db import migrate
 from echo_auth.db.engines import make_engine, normalize_url
+from echo_auth.identity.access_tokens import AccessTokens
+from echo_auth.identity.account import AccountService
+from echo_auth.identity.admin import AdminService
 from echo_auth.identity.auth import AuthService
+from echo_auth.identity.email_flows import EmailFlows
+from echo_auth.identity.mail import Mailer, mailer_from_settings
 from echo_auth.identity.passwords import Argon2Hasher, Argon2Params
 from echo_auth.identity.sessions import SessionPolicy
+from echo_auth.identity.throttle import Limit, Throttle, ThrottlePolicy
 
 
 @dataclass
@@ -82,8 +89,18 @@ class Runtime:
         return load_or_create_key(self.settings.checkpoint_key_file)
 
     @cached_property
-    def checkpoint_public_key(self) -> Ed25519PublicKey:
-        return self.checkpoint_key.public_key()
+    def checkpoint_public_key(self) -> Ed25519PublicKey | None:
+        """The key that verifies checkpoints, read without touching the private key.
+
+        None when this installation has no checkpoint key yet (nothing was signed here).
+        """
+        s = self.settings
+        assert s.checkpoint_public_key_file is not None and s.checkpoint_key_file is not None
+        if s.checkpoint_public_key_file.exists():
+            return load_public_key_file(s.checkpoint_public_key_file)
+        if s.checkpoint_key_file.exists():
+            return load_or_create_key(s.checkpoint_key_file, create=False).public_key()
+        return None
 
     @cached_property
     def checkpoint_sink(self) -> DirectorySink:
@@ -101,6 +118,7 @@ class Runtime:
             policy=CheckpointPolicy(
                 every_events=s.checkpoint_every_events,
                 every=timedelta(seconds=s.checkpoint_every_s),
+                idle_every=timedelta(seconds=s.checkpoint_idle_every_s),
             ),
         )
 
@@ -123,14 +141,66 @@ class Runtime:
         )
 
     @cached_property
+    def throttle(self) -> Throttle:
+        s = self.settings
+        window = timedelta(seconds=s.throttle_window_s)
+        lock = timedelta(seconds=s.login_lock_s)
+        max_lock = timedelta(seconds=s.login_max_lock_s)
+        account = Limit(s.login_max_failures, lock, max_lock, window)
+        return Throttle(
+            self.identity,
+            ThrottlePolicy(
+                account=account,
+                ip=Limit(s.ip_max_failures, lock * 2, max_lock * 2, window, False),
+                mfa=account,
+            ),
+        )
+
+    @cached_property
     def auth(self) -> AuthService:
         s = self.settings
         return AuthService(
             identity=self.identity,
             hasher=self.hasher,
             sessions=self.session_policy,
+            throttle=self.throttle,
             password_min_length=s.password_min_length,
             password_max_length=s.password_max_length,
+        )
+
+    @cached_property
+    def account(self) -> AccountService:
+        return AccountService(self.auth)
+
+    @cached_property
+    def admin(self) -> AdminService:
+        return AdminService(self.identity, self.throttle)
+
+    @cached_property
+    def access_tokens(self) -> AccessTokens:
+        s = self.settings
+        return AccessTokens(
+            s.keys_dir / "jwt",
+            issuer=s.jwt_issuer,
+            audience=s.jwt_audience,
+            ttl=timedelta(seconds=s.jwt_ttl_s),
+        )
+
+    @cached_property
+    def mailer(self) -> Mailer:
+        return mailer_from_settings(self.settings)
+
+    @cached_property
+    def email_flows(self) -> EmailFlows:
+        s = self.settings
+        return EmailFlows(
+            identity=self.identity,
+            auth=self.auth,
+            mailer=self.mailer,
+            base_url=s.base_url,
+            mail_from=s.mail_from,
+            verify_ttl=timedelta(seconds=s.verify_token_ttl_s),
+            reset_ttl=timedelta(seconds=s.reset_token_ttl_s),
         )
 
     @cached_property

@@ -63,9 +63,13 @@ def test_signup_login_me_logout_are_audited(client: TestClient, runtime: Runtime
     assert PASSWORD not in blob and token not in blob
 
 
-def test_unknown_email_and_wrong_password_answer_alike(client: TestClient, runtime: Runtime) -> None:
+def test_unknown_email_and_wrong_password_answer_alike(
+    client: TestClient, runtime: Runtime
+) -> None:
     client.post("/v1/signup", json={"email": "bo@example.com", "password": PASSWORD})
-    wrong = client.post("/v1/login", json={"email": "bo@example.com", "password": "not the password"})
+    wrong = client.post(
+        "/v1/login", json={"email": "bo@example.com", "password": "not the password"}
+    )
     unknown = client.post("/v1/login", json={"email": "nobody@example.com", "password": "x" * 20})
     assert wrong.status_code == unknown.status_code == 401
     strip = lambda r: {k: v for k, v in r.json().items() if k != "request_id"}  # noqa: E731

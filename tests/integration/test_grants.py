@@ -46,8 +46,18 @@ def accounts(
     prefix = f"t{secrets.token_hex(3)}"
     out = tmp_path / "accounts.env"
     result = subprocess.run(
-        [sys.executable, "-m", "echo_auth", "db", "grants", "--apply", "--prefix", prefix,
-         "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "echo_auth",
+            "db",
+            "grants",
+            "--apply",
+            "--prefix",
+            prefix,
+            "--out",
+            str(out),
+        ],
         env=_cli_env(runtime.settings),
         capture_output=True,
         text=True,
@@ -78,15 +88,22 @@ def accounts(
 def _connect(url: str) -> pymysql.Connection:  # type: ignore[type-arg]
     u = make_url(url)
     return pymysql.connect(
-        host=u.host, port=u.port or 3306, user=u.username, password=u.password or "",
-        database=u.database, autocommit=True,
+        host=u.host,
+        port=u.port or 3306,
+        user=u.username,
+        password=u.password or "",
+        database=u.database,
+        autocommit=True,
     )
 
 
 def _refused(url: str, sql: str) -> str:
-    with _connect(url) as conn, conn.cursor() as cur:
-        with pytest.raises(pymysql.MySQLError) as caught:
-            cur.execute(sql)
+    with (
+        _connect(url) as conn,
+        conn.cursor() as cur,
+        pytest.raises(pymysql.MySQLError) as caught,
+    ):
+        cur.execute(sql)
     return str(caught.value)
 
 
@@ -129,7 +146,9 @@ def test_each_account_is_bounded(
     # The auditor reads and nothing else.
     with _connect(auditor) as conn, conn.cursor() as cur:
         cur.execute(f"SELECT COUNT(*) FROM `{audit_db}`.audit_events")
-    assert "denied" in _refused(auditor, f"INSERT INTO `{audit_db}`.chain_head VALUES (2,0,'',NOW())")
+    assert "denied" in _refused(
+        auditor, f"INSERT INTO `{audit_db}`.chain_head VALUES (2,0,'',NOW())"
+    )
     assert "denied" in _refused(auditor, f"SELECT * FROM `{identity_db}`.users")
     # Even the owner meets the trigger.
     owner = accounts["OWNER_AUDIT"]
@@ -154,16 +173,25 @@ def test_whole_flow_runs_with_least_privilege(
         create_user_by_operator(lp.auth, "boss@example.com", PASSWORD, ["admin"], actor, source)
         with TestClient(create_app(settings, runtime=lp)) as client:
             assert client.get("/readyz").status_code == 200
-            assert client.post(
-                "/v1/signup", json={"email": "ana@example.com", "password": PASSWORD}
-            ).status_code == 201
-            login = client.post("/v1/login", json={"email": "ana@example.com", "password": PASSWORD})
+            assert (
+                client.post(
+                    "/v1/signup", json={"email": "ana@example.com", "password": PASSWORD}
+                ).status_code
+                == 201
+            )
+            login = client.post(
+                "/v1/login", json={"email": "ana@example.com", "password": PASSWORD}
+            )
             assert login.status_code == 200
             token = login.json()["session_token"]
-            assert client.get("/v1/me", headers={"Authorization": f"Bearer {token}"}).status_code == 200
-            assert client.post(
-                "/v1/logout", headers={"Authorization": f"Bearer {token}"}
-            ).status_code == 204
+            assert (
+                client.get("/v1/me", headers={"Authorization": f"Bearer {token}"}).status_code
+                == 200
+            )
+            assert (
+                client.post("/v1/logout", headers={"Authorization": f"Bearer {token}"}).status_code
+                == 204
+            )
             assert drain(lp.relay_identity, lp.audit, lp.relay_policy) >= 4
             assert lp.checkpointer.maybe_checkpoint(force=True) is not None
             admin = client.post(

@@ -106,9 +106,11 @@ def test_triggers_refuse_update_and_delete(chain: Runtime) -> None:
         update(checkpoints).values(seq=99),
         delete(checkpoints),
     ):
-        with pytest.raises(Exception, match="append-only") as caught:
-            with transaction(chain.audit) as conn:
-                conn.execute(statement)
+        with (
+            pytest.raises(Exception, match="append-only") as caught,
+            transaction(chain.audit) as conn,
+        ):
+            conn.execute(statement)
         assert "refused" in str(caught.value)
     assert _verify(chain).intact
 
@@ -132,7 +134,9 @@ def test_event_json_changed_is_modified(chain: Runtime) -> None:
         doc = json.loads(str(row["event_json"]))
         doc["metadata"]["n"] = 999
         new_json = json.dumps(doc, sort_keys=True, separators=(",", ":"))
-        conn.execute(update(audit_events).where(audit_events.c.seq == 7).values(event_json=new_json))
+        conn.execute(
+            update(audit_events).where(audit_events.c.seq == 7).values(event_json=new_json)
+        )
 
     _as_attacker(chain, change)
     report = _verify(chain)
@@ -210,9 +214,7 @@ def test_chain_recomputed_from_a_seq_is_caught_by_external_checkpoints(chain: Ru
             conn.execute(
                 update(audit_events)
                 .where(audit_events.c.seq == row["seq"])
-                .values(
-                    event_json=new_json, outcome=doc["outcome"], prev_hash=prev, hash=new_hash
-                )
+                .values(event_json=new_json, outcome=doc["outcome"], prev_hash=prev, hash=new_hash)
             )
             prev = new_hash
         _set_head(conn)
@@ -250,14 +252,19 @@ def test_checkpoint_file_edited_is_invalid(chain: Runtime) -> None:
 def test_checkpoint_row_deleted_is_missing(chain: Runtime) -> None:
     _as_attacker(
         chain,
-        lambda c: c.execute(
-            delete(checkpoints).where(
-                checkpoints.c.id == select(checkpoints.c.id).order_by(checkpoints.c.id).limit(1)
-                .scalar_subquery()
+        lambda c: (
+            c.execute(
+                delete(checkpoints).where(
+                    checkpoints.c.id
+                    == select(checkpoints.c.id)
+                    .order_by(checkpoints.c.id)
+                    .limit(1)
+                    .scalar_subquery()
+                )
             )
-        )
-        if c.dialect.name == "sqlite"
-        else c.execute(text("DELETE FROM checkpoints ORDER BY id LIMIT 1")),
+            if c.dialect.name == "sqlite"
+            else c.execute(text("DELETE FROM checkpoints ORDER BY id LIMIT 1"))
+        ),
     )
     report = _verify(chain)
     assert [(i.kind, i.location) for i in report.checkpoint_issues] == [("missing", "database")]

@@ -83,7 +83,20 @@ def load_or_create_key(path: Path, *, create: bool = True) -> Ed25519PrivateKey:
         return load_or_create_key(path, create=False)
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
+    # The public half beside it: verification needs only this file, never the private key.
+    public_path(path).write_text(public_key_pem(key.public_key()))
     return key
+
+
+def public_path(private_path: Path) -> Path:
+    return private_path.with_name(private_path.name.removesuffix(".pem") + ".pub.pem")
+
+
+def load_public_key_file(path: Path) -> Ed25519PublicKey:
+    try:
+        return load_public_key(path.read_bytes())
+    except (ValueError, OSError) as exc:
+        raise CheckpointKeyError(f"cannot read the checkpoint public key {path}: {exc}") from None
 
 
 def load_public_key(pem: bytes) -> Ed25519PublicKey:
@@ -209,8 +222,13 @@ class DirectorySink:
 
 @dataclass(frozen=True)
 class CheckpointPolicy:
+    """When to sign: after ``every_events`` new events; after ``every`` if any event came;
+    and after ``idle_every`` even when none did (so a cut-off tail shows up even in a
+    quiet log, without writing files every minute for nothing)."""
+
     every_events: int = 1000
     every: timedelta = timedelta(seconds=60)
+    idle_every: timedelta = timedelta(hours=1)
 
 
 @dataclass
@@ -261,9 +279,12 @@ class Checkpointer:
         ).first()
         if last is None:
             return True
+        new_events = head_seq - int(last.seq)
+        age = now - last.signed_at
         return (
-            head_seq - int(last.seq) >= self.policy.every_events
-            or now - last.signed_at >= self.policy.every
+            new_events >= self.policy.every_events
+            or (new_events > 0 and age >= self.policy.every)
+            or age >= self.policy.idle_every
         )
 
 

@@ -41,6 +41,8 @@ CATALOG: Final[dict[str, str]] = {
     "password.changed": "a password was changed",
     "password.reset.requested": "a password reset was asked for",
     "password.reset.completed": "a password was reset with a mailed token",
+    "mail.delivery.failed": "a mail (verification, reset, notice) could not be sent",
+    "mfa.totp.enrolment_started": "a TOTP secret was issued, not yet confirmed",
     "mfa.totp.enrolled": "a TOTP factor was confirmed",
     "mfa.totp.removed": "a TOTP factor was removed",
     "mfa.recovery_code.used": "a recovery code was used",
@@ -62,6 +64,7 @@ CATALOG: Final[dict[str, str]] = {
     "system.backup.restored": "a backup was restored",
     "system.audit.migrated": "the audit database was moved",
     "system.grants.applied": "database users and grants were applied",
+    "system.jwt_key.rotated": "a new JWT signing key was made; older ones stay published",
     "system.db.upgraded": "database migrations were run",
     "system.dead_letter.created": "an event could not be delivered and was set aside",
     "system.dead_letter.retried": "a dead letter was put back on the queue",
@@ -190,18 +193,20 @@ def _clip(value: str | None, limit: int) -> str | None:
 
 def _check_metadata(metadata: dict[str, Any]) -> None:
     for key in _walk_keys(metadata):
-        words = set(re.split(r"[^a-z0-9]+", key.lower()))
+        # camelCase and snake_case alike: "sessionToken" and "session_token" both name a token.
+        spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key)
+        words = set(re.split(r"[^a-z0-9]+", spaced.lower()))
         if words & _FORBIDDEN_KEY_WORDS:
             raise InvalidEvent(f"metadata key {key!r} looks like a secret; events never hold one")
+    if _has_float(metadata):
+        # Floats have no single canonical text across languages (and NaN is not JSON).
+        raise InvalidEvent("metadata may not hold floating-point numbers")
     try:
         encoded = canonical_json(metadata)
     except (TypeError, ValueError) as exc:
         raise InvalidEvent(f"metadata is not plain JSON: {exc}") from None
     if len(encoded.encode()) > MAX_METADATA_BYTES:
         raise InvalidEvent(f"metadata over {MAX_METADATA_BYTES} bytes")
-    if "." in encoded and _has_float(metadata):
-        # Floats have no single canonical text across languages; keep them out.
-        raise InvalidEvent("metadata may not hold floating-point numbers")
 
 
 def _walk_keys(value: Any) -> list[str]:

@@ -16,6 +16,7 @@ from echo_auth.audit.events import OUTCOMES
 from echo_auth.db.audit_schema import audit_events
 
 MAX_LIMIT = 500
+MAX_SEQ = 2**63 - 1  # BIGINT
 DEFAULT_LIMIT = 50
 
 
@@ -89,8 +90,10 @@ def decode_cursor(cursor: str | None) -> int | None:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
         if not raw.startswith("s") or not raw[1:].isdigit():
             raise ValueError
+        if len(raw) > 20:
+            raise ValueError
         seq = int(raw[1:])
-        if seq < 1:
+        if not 1 <= seq <= MAX_SEQ:
             raise ValueError
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidQuery("cursor", "not a cursor this service gave out") from None

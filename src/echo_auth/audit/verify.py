@@ -35,11 +35,13 @@ from echo_auth.audit.chain import MalformedPayload, link_hash, project, read_hea
 from echo_auth.audit.checkpoints import (
     BadCheckpoint,
     Checkpoint,
+    CheckpointKeyError,
+    CheckpointSink,
     open_checkpoint,
     stored_checkpoints,
 )
 from echo_auth.audit.events import GENESIS_HASH
-from echo_auth.db.audit_schema import audit_events
+from echo_auth.db.audit_schema import audit_events, checkpoints
 
 RowKind = Literal["modified", "deleted", "inserted", "reordered"]
 CheckpointKind = Literal["invalid", "missing", "mismatch"]
@@ -437,3 +439,26 @@ def _columns_agree(row: Any) -> bool:
     except MalformedPayload:
         return False
     return all(getattr(row, name) == implied[name] for name in _PROJECTED)
+
+
+def verify_audit_log(
+    conn: Connection,
+    *,
+    public_key: Ed25519PublicKey | None,
+    sink: CheckpointSink,
+    progress: Callable[[int], None] | None = None,
+) -> VerifyReport:
+    """Verify the chain and every checkpoint, both copies.
+
+    Raises :class:`CheckpointKeyError` when checkpoints exist but no public key is at hand:
+    a report that silently skipped them would look clean and be wrong.
+    """
+    external = list(sink.read_all())
+    if public_key is None:
+        stored = conn.execute(select(func.count()).select_from(checkpoints)).scalar_one()
+        if stored or external:
+            raise CheckpointKeyError(
+                f"{int(stored) + len(external)} checkpoints exist but no checkpoint public key "
+                "was found: set ECHO_CHECKPOINT_PUBLIC_KEY_FILE"
+            )
+    return verify_chain(conn, public_key=public_key, external=external, progress=progress)

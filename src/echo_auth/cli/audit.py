@@ -13,7 +13,7 @@ from echo_auth.audit.dead_letters import list_dead_letters, retry_dead_letters
 from echo_auth.audit.events import Target
 from echo_auth.audit.pipeline import pipeline_status
 from echo_auth.audit.search import EventFilter, parse_time, search_events
-from echo_auth.audit.verify import count_events, verify_chain
+from echo_auth.audit.verify import count_events, verify_audit_log
 from echo_auth.cli.events import record_operator_event
 from echo_auth.cli.main import EXIT_CHECK_FAILED, CliContext, cli, one_line_errors, pass_ctx
 from echo_auth.cli.progress import progress_bar
@@ -97,11 +97,8 @@ def verify(ctx: CliContext, as_json: bool) -> None:
     with transaction(runtime.audit_reader, write=False) as conn:
         total = count_events(conn)
         with progress_bar("verifying", total) as advance:
-            report = verify_chain(
-                conn,
-                public_key=public_key,
-                external=runtime.checkpoint_sink.read_all(),
-                progress=advance,
+            report = verify_audit_log(
+                conn, public_key=public_key, sink=runtime.checkpoint_sink, progress=advance
             )
     record_operator_event(
         runtime,
@@ -183,7 +180,7 @@ def checkpoint(ctx: CliContext, show_key: bool) -> None:
     """Sign a checkpoint of the chain head now (database and checkpoint directory)."""
     runtime = ctx.runtime
     if show_key:
-        click.echo(public_key_pem(runtime.checkpoint_public_key), nl=False)
+        click.echo(public_key_pem(runtime.checkpoint_key.public_key()), nl=False)
         return
     made = runtime.checkpointer.maybe_checkpoint(force=True)
     assert made is not None

@@ -81,7 +81,7 @@ def cli(ctx: click.Context) -> None:
 
 
 def main() -> None:
-    from echo_auth.cli import audit, db, serve, user  # noqa: F401 - registers the commands
+    from echo_auth.cli import audit, db, keys, serve, user  # noqa: F401 - registers the commands
 
     try:
         cli.main(standalone_mode=True)

@@ -61,6 +61,10 @@ def serve(ctx: CliContext, host: str, port: int, workers: int, no_relay: bool) -
         f"({workers} worker{'s' if workers > 1 else ''}, relay {'off' if no_relay else 'on'})",
         err=True,
     )
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the
+    # handler that was there before it started. Make that handler a no-op so that a
+    # stopped server closes its resources and exits 0, as service managers expect.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     if workers == 1:
         app = create_app(settings, runtime=runtime, run_relay_in_process=not no_relay)
         uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning")

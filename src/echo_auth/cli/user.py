@@ -44,3 +44,52 @@ def create(ctx: CliContext, email: str, roles: tuple[str, ...]) -> None:
     actor, source = operator_actor()
     created = create_user_by_operator(ctx.runtime.auth, email, password, list(roles), actor, source)
     click.echo(f"created {created.email} ({created.id}) with roles {' '.join(created.roles)}")
+
+
+@user.command("disable")
+@click.argument("email")
+@pass_ctx
+@one_line_errors
+def disable(ctx: CliContext, email: str) -> None:
+    """Disable an account: login refused, every session revoked."""
+    admin = ctx.runtime.admin
+    actor, source = operator_actor()
+    revoked = admin.disable(actor, source, admin.find_by_email(email))
+    click.echo(f"disabled {email}; {revoked} sessions revoked")
+
+
+@user.command("enable")
+@click.argument("email")
+@pass_ctx
+@one_line_errors
+def enable(ctx: CliContext, email: str) -> None:
+    """Enable a disabled account."""
+    admin = ctx.runtime.admin
+    actor, source = operator_actor()
+    admin.enable(actor, source, admin.find_by_email(email))
+    click.echo(f"enabled {email}")
+
+
+@user.command("roles")
+@click.argument("email")
+@click.argument("roles", nargs=-1, type=click.Choice(ROLES))
+@pass_ctx
+@one_line_errors
+def roles(ctx: CliContext, email: str, roles: tuple[str, ...]) -> None:
+    """Set an account's roles (every account keeps 'user')."""
+    admin = ctx.runtime.admin
+    actor, source = operator_actor()
+    updated = admin.set_roles(actor, source, admin.find_by_email(email), list(roles))
+    click.echo(f"{email}: {' '.join(updated.roles)}")
+
+
+@user.command("unlock")
+@click.argument("email")
+@pass_ctx
+@one_line_errors
+def unlock(ctx: CliContext, email: str) -> None:
+    """Lift a brute-force lock on an account."""
+    admin = ctx.runtime.admin
+    actor, source = operator_actor()
+    lifted = admin.unlock(actor, source, admin.find_by_email(email))
+    click.echo(f"{email}: {'unlocked' if lifted else 'was not locked'}")

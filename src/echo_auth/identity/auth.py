@@ -11,16 +11,19 @@ it records; refusals commit their event before the error propagates.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, update
+from sqlalchemy import Connection, Engine, update
 from sqlalchemy.exc import IntegrityError
 
 from echo_auth.audit.events import Actor, AuditEvent, Source, Target, uuid7
 from echo_auth.audit.outbox import enqueue_event, enqueue_events
 from echo_auth.db.engines import transaction
 from echo_auth.db.identity_schema import users
-from echo_auth.identity.errors import DomainError, InvalidCredentials
+from echo_auth.identity.devices import find_device, remember_device, touch_device
+from echo_auth.identity.errors import DomainError, InvalidCredentials, InvalidToken
+from echo_auth.identity.mfa import InvalidMfaCode, check_code
+from echo_auth.identity.one_time import consume_token, issue_token, peek_token
 from echo_auth.identity.passwords import PasswordHasherProtocol
 from echo_auth.identity.sessions import (
     CurrentSession,
@@ -31,11 +34,13 @@ from echo_auth.identity.sessions import (
     revoke_session,
     touch_session,
 )
+from echo_auth.identity.throttle import Key, RateLimited, Throttle
 from echo_auth.identity.users import (
     User,
     check_password_policy,
     email_exists,
     find_by_email,
+    find_by_id,
     format_roles,
     insert_user,
     normalize_email,
@@ -53,6 +58,16 @@ class AccountDisabled(DomainError):
 class LoginResult:
     session: NewSession
     user: User
+    # A new device cookie to set, when this browser was not a known device of the user.
+    device_token: str | None = None
+
+
+@dataclass(frozen=True)
+class MfaChallenge:
+    mfa_token: str
+
+
+MFA_LOGIN = "mfa_login"
 
 
 def user_actor(user: User) -> Actor:
@@ -64,8 +79,10 @@ class AuthService:
     identity: Engine
     hasher: PasswordHasherProtocol
     sessions: SessionPolicy
+    throttle: Throttle
     password_min_length: int = 12
     password_max_length: int = 1024
+    mfa_token_ttl: timedelta = timedelta(minutes=5)
 
     def check_password(self, password: str) -> None:
         check_password_policy(
@@ -120,58 +137,190 @@ class AuthService:
             )
         return str(uuid7())
 
-    # -- login --------------------------------------------------------------------------
+    # -- login ------------------------------------------------------------------------
 
-    def login(self, raw_email: str, password: str, source: Source) -> LoginResult:
-        """Check a password and open a session.
+    def login(
+        self, raw_email: str, password: str, source: Source, device_token: str | None = None
+    ) -> LoginResult | MfaChallenge:
+        """Check a password; open a session, or ask for the second factor.
 
         Unknown address and wrong password raise the same :class:`InvalidCredentials`
-        after the same work (a verify against a dummy hash); the event says which.
+        after the same work (a verify against a dummy hash); the event says which. Every
+        attempt first reserves a slot with the brute-force throttle (see throttle.py).
         """
         email = normalize_email(raw_email)
         if len(password) > self.password_max_length:
             password = password[: self.password_max_length + 1]  # bounded work, still wrong
         with transaction(self.identity, write=False) as conn:
             found = find_by_email(conn, email)
+            device_id = find_device(conn, device_token, found[0].id) if found else None
+        actor = user_actor(found[0]) if found else Actor("anonymous", None, email)
+        user_id = found[0].id if found else None
+        keys = [Key("device", device_id) if device_id else Key.email(email)]
+        if source.ip:
+            keys.append(Key("ip", source.ip))
+        self._reserve(keys, actor, user_id, source, "auth.login.failed")
         if found is None:
             self.hasher.verify_dummy(password)
-            self._refuse(Actor("anonymous", None, email), None, "unknown_user", source)
+            self._refuse(keys, actor, None, "unknown_user", source)
         assert found is not None
         user, stored_hash = found
         if not self.hasher.verify(stored_hash, password):
-            self._refuse(user_actor(user), user.id, "bad_password", source)
+            self._refuse(keys, actor, user.id, "bad_password", source)
         new_hash = self.hasher.hash(password) if self.hasher.needs_rehash(stored_hash) else None
         with transaction(self.identity) as conn:
             if user.disabled:
-                enqueue_event(
-                    conn, self._failed(user_actor(user), user.id, "account_disabled", source)
-                )
+                enqueue_event(conn, self._failed(actor, user.id, "account_disabled", source))
                 raise AccountDisabled()
+            self.throttle.succeeded(conn, keys)
             if new_hash is not None:
                 conn.execute(
                     update(users)
                     .where(users.c.id == user.id)
                     .values(password_hash=new_hash, updated_at=datetime.now(UTC))
                 )
-            session = create_session(
-                conn, user.id, self.sessions, ip=source.ip, user_agent=source.user_agent
-            )
+            if user.mfa_enabled:
+                mfa_token = issue_token(conn, MFA_LOGIN, user.id, self.mfa_token_ttl)
+                enqueue_event(
+                    conn,
+                    AuditEvent(
+                        action="auth.mfa.challenged",
+                        outcome="success",
+                        actor=actor,
+                        target=Target("user", user.id),
+                        source=source,
+                        metadata={"factor": "totp", "rehashed": new_hash is not None},
+                    ),
+                )
+                return MfaChallenge(mfa_token)
+            return self._open_session(conn, user, source, device_id, mfa=False)
+
+    def complete_mfa(
+        self, mfa_token: str, code: str, source: Source, device_token: str | None = None
+    ) -> LoginResult:
+        """Second step: a TOTP or recovery code for the challenge from :meth:`login`."""
+        with transaction(self.identity, write=False) as conn:
+            user_id = peek_token(conn, MFA_LOGIN, mfa_token)
+            user = find_by_id(conn, user_id) if user_id else None
+            device_id = find_device(conn, device_token, user.id) if user else None
+        if user is None:
+            with transaction(self.identity) as conn:
+                enqueue_event(
+                    conn,
+                    AuditEvent(
+                        action="auth.mfa.failed",
+                        outcome="failure",
+                        reason="invalid_mfa_token",
+                        actor=Actor.anonymous(),
+                        source=source,
+                    ),
+                )
+            raise InvalidToken("the MFA token is unknown, used or expired; log in again")
+        actor = user_actor(user)
+        keys = [Key("mfa", user.id)]
+        if source.ip:
+            keys.append(Key("ip", source.ip))
+        self._reserve(keys, actor, user.id, source, "auth.mfa.failed")
+        with transaction(self.identity) as conn:
+            method = check_code(conn, user.id, code, source=source) if len(code) <= 64 else None
+            if method is not None and consume_token(conn, MFA_LOGIN, mfa_token):
+                self.throttle.succeeded(conn, keys)
+                enqueue_event(
+                    conn,
+                    AuditEvent(
+                        action="auth.mfa.succeeded",
+                        outcome="success",
+                        actor=actor,
+                        target=Target("user", user.id),
+                        source=source,
+                        metadata={"method": method},
+                    ),
+                )
+                if user.disabled:
+                    raise AccountDisabled()
+                return self._open_session(conn, user, source, device_id, mfa=True)
+            conn.rollback()  # a code that matched is not used up by a login that failed
+        with transaction(self.identity) as conn:
             enqueue_event(
                 conn,
                 AuditEvent(
-                    action="auth.login.succeeded",
-                    outcome="success",
-                    actor=user_actor(user),
+                    action="auth.mfa.failed",
+                    outcome="failure",
+                    reason="invalid_code" if method is None else "invalid_mfa_token",
+                    actor=actor,
                     target=Target("user", user.id),
                     source=source,
-                    metadata={
-                        "session_id": session.id,
-                        "mfa": False,
-                        "rehashed": new_hash is not None,
-                    },
                 ),
             )
-        return LoginResult(session, user)
+            self._locks(conn, keys, actor, user.id, source)
+        raise InvalidMfaCode()
+
+    def _open_session(
+        self, conn: Connection, user: User, source: Source, device_id: str | None, *, mfa: bool
+    ) -> LoginResult:
+        session = create_session(
+            conn, user.id, self.sessions, ip=source.ip, user_agent=source.user_agent
+        )
+        new_device = None
+        if device_id is None:
+            new_device = remember_device(conn, user.id)
+        else:
+            touch_device(conn, device_id)
+        enqueue_event(
+            conn,
+            AuditEvent(
+                action="auth.login.succeeded",
+                outcome="success",
+                actor=user_actor(user),
+                target=Target("user", user.id),
+                source=source,
+                metadata={
+                    "session_id": session.id,
+                    "mfa": mfa,
+                    "new_device": new_device is not None,
+                },
+            ),
+        )
+        return LoginResult(session, user, new_device)
+
+    def _reserve(
+        self, keys: list[Key], actor: Actor, user_id: str | None, source: Source, action: str
+    ) -> None:
+        try:
+            self.throttle.reserve(keys)
+        except RateLimited as exc:
+            with transaction(self.identity) as conn:
+                enqueue_event(
+                    conn,
+                    AuditEvent(
+                        action="auth.throttled",
+                        outcome="denied",
+                        reason=f"{exc.scope}_limited",
+                        actor=actor,
+                        target=Target("user", user_id),
+                        source=source,
+                        metadata={"retry_after_s": exc.retry_after, "step": action},
+                    ),
+                )
+            raise
+
+    def _locks(
+        self, conn: Connection, keys: list[Key], actor: Actor, user_id: str | None, source: Source
+    ) -> None:
+        for lock in self.throttle.failed(conn, keys):
+            on_account = lock.key.scope != "ip"
+            enqueue_event(
+                conn,
+                AuditEvent(
+                    action="account.locked" if on_account else "auth.throttled",
+                    outcome="denied",
+                    reason=f"{lock.key.scope}_locked",
+                    actor=actor,
+                    target=Target("user", user_id) if on_account else Target("ip", source.ip),
+                    source=source,
+                    metadata={"locked_until": lock.until.strftime("%Y-%m-%dT%H:%M:%SZ")},
+                ),
+            )
 
     def _failed(self, actor: Actor, user_id: str | None, reason: str, source: Source) -> AuditEvent:
         return AuditEvent(
@@ -183,9 +332,12 @@ class AuthService:
             source=source,
         )
 
-    def _refuse(self, actor: Actor, user_id: str | None, reason: str, source: Source) -> None:
+    def _refuse(
+        self, keys: list[Key], actor: Actor, user_id: str | None, reason: str, source: Source
+    ) -> None:
         with transaction(self.identity) as conn:
             enqueue_event(conn, self._failed(actor, user_id, reason, source))
+            self._locks(conn, keys, actor, user_id, source)
         raise InvalidCredentials()
 
     # -- sessions -----------------------------------------------------------------------

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Connection, insert, update
+from sqlalchemy import Connection
 
-from echo_auth.audit.events import Actor, AuditEvent, Source, Target, uuid7
+from echo_auth.audit.events import Actor, AuditEvent, Source, Target
 from echo_auth.audit.outbox import enqueue_event
 from echo_auth.db.engines import transaction
-from echo_auth.db.identity_schema import one_time_tokens
 from echo_auth.identity.auth import AuthService, user_actor
 from echo_auth.identity.errors import DomainError, InvalidToken
-from echo_auth.identity.tokens import new_token, token_hash
+from echo_auth.identity.one_time import consume_token, issue_token
 from echo_auth.identity.users import (
     User,
     count_users,
@@ -37,22 +36,8 @@ def issue_bootstrap_token(conn: Connection, ttl: timedelta) -> str | None:
     if count_users(conn) > 0:
         return None
     now = datetime.now(UTC)
-    token = new_token()
     # Only the newest bootstrap token works: earlier ones expire now.
-    conn.execute(
-        update(one_time_tokens)
-        .where(one_time_tokens.c.purpose == BOOTSTRAP, one_time_tokens.c.used_at.is_(None))
-        .values(expires_at=now)
-    )
-    conn.execute(
-        insert(one_time_tokens).values(
-            id=str(uuid7()),
-            purpose=BOOTSTRAP,
-            token_hash=token_hash(token),
-            created_at=now,
-            expires_at=now + ttl,
-        )
-    )
+    token = issue_token(conn, BOOTSTRAP, None, ttl, replace=True)
     enqueue_event(
         conn,
         AuditEvent(
@@ -63,22 +48,6 @@ def issue_bootstrap_token(conn: Connection, ttl: timedelta) -> str | None:
         ),
     )
     return token
-
-
-def consume_token(conn: Connection, purpose: str, token: str) -> bool:
-    """Mark a one-time token used; True only for the one caller that used it first."""
-    now = datetime.now(UTC)
-    result = conn.execute(
-        update(one_time_tokens)
-        .where(
-            one_time_tokens.c.token_hash == token_hash(token),
-            one_time_tokens.c.purpose == purpose,
-            one_time_tokens.c.used_at.is_(None),
-            one_time_tokens.c.expires_at > now,
-        )
-        .values(used_at=now)
-    )
-    return result.rowcount == 1
 
 
 def redeem_bootstrap_token(

@@ -57,15 +57,13 @@ class Limit:
     reset_on_success: bool = True
 
     def lock_for(self, lockouts: int) -> timedelta:
-        return min(self.max_lock, self.lock * (2 ** min(lockouts, 16)))
+        return min(self.max_lock, self.lock * (1 << min(lockouts, 16)))
 
 
 @dataclass(frozen=True)
 class ThrottlePolicy:
     account: Limit = Limit(5, timedelta(seconds=30), timedelta(minutes=15), timedelta(minutes=15))
-    ip: Limit = Limit(
-        50, timedelta(minutes=1), timedelta(minutes=30), timedelta(minutes=15), False
-    )
+    ip: Limit = Limit(50, timedelta(minutes=1), timedelta(minutes=30), timedelta(minutes=15), False)
     mfa: Limit = Limit(5, timedelta(seconds=30), timedelta(minutes=15), timedelta(minutes=15))
 
     def limit(self, scope: Scope) -> Limit:
@@ -124,10 +122,13 @@ class Throttle:
         see each other's reservations.
         """
         now = datetime.now(UTC)
-        names = [k.name for k in keys]
+        # Rows are created in their own transaction: an INSERT IGNORE that meets an
+        # existing row takes a shared lock, and upgrading it later would deadlock.
         with transaction(self.engine) as conn:
-            _ensure_rows(conn, names, now)
-            for key in keys:
+            _ensure_rows(conn, [k.name for k in keys], now)
+        # Keys are always locked in the same order, so reservations never deadlock.
+        with transaction(self.engine) as conn:
+            for key in sorted(keys, key=lambda k: k.name):
                 limit = self.policy.limit(key.scope)
                 c = login_throttles.c
                 # A lock that has run out, or failures older than the window, start over.
@@ -182,16 +183,23 @@ class Throttle:
         return started
 
     def succeeded(self, conn: Connection, keys: Sequence[Key]) -> None:
-        """The attempt succeeded: give back account slots (not IP ones) and clear lockouts."""
+        """The attempt succeeded: clear the account's count; give back only its own IP slot.
+
+        An IP's count is never cleared by a success: an attacker could otherwise reset it by
+        logging into an account of their own between guesses.
+        """
         now = datetime.now(UTC)
+        c = login_throttles.c
         for key in keys:
-            if not self.policy.limit(key.scope).reset_on_success:
-                continue
-            conn.execute(
-                update(login_throttles)
-                .where(login_throttles.c.key == key.name)
-                .values(failures=0, lockouts=0, locked_until=None, updated_at=now)
-            )
+            if self.policy.limit(key.scope).reset_on_success:
+                values = {"failures": 0, "lockouts": 0, "locked_until": None, "updated_at": now}
+                conn.execute(update(login_throttles).where(c.key == key.name).values(**values))
+            else:
+                conn.execute(
+                    update(login_throttles)
+                    .where(c.key == key.name, c.failures > 0, c.locked_until.is_(None))
+                    .values(failures=c.failures - 1)
+                )
 
     def unlock(self, conn: Connection, keys: Sequence[Key]) -> int:
         """Lift locks (an admin's unlock); returns how many keys were locked."""

@@ -37,7 +37,20 @@ def normalize_email(raw: str) -> str:
     return checked.normalized.lower()
 
 
-def check_password_policy(password: str, *, min_length: int, max_length: int) -> None:
+def check_password_policy(
+    password: str, *, min_length: int, max_length: int, email: str | None = None
+) -> None:
+    """Refuse a password that breaks the policy, after NIST SP 800-63B (section 3.1.1.2).
+
+    Length counts Unicode code points: at least ``min_length``, at most ``max_length``.
+    Any character is allowed but NUL, and no composition rules are imposed (no "one digit,
+    one symbol"). Refused as guessable: an entry of the common and breached password
+    lists (see ``common_passwords``), ignoring case, and, given the account's ``email``,
+    anything containing its local part when that is at least 4 characters long. Raises
+    :class:`WeakPassword` whose message says which rule failed.
+    """
+    from echo_auth.identity.common_passwords import is_common_password
+
     if "\x00" in password:
         raise WeakPassword("password", "may not contain a NUL character")
     length = len(password)
@@ -45,6 +58,13 @@ def check_password_policy(password: str, *, min_length: int, max_length: int) ->
         raise WeakPassword("password", f"must be at least {min_length} characters long")
     if length > max_length:
         raise WeakPassword("password", f"must be at most {max_length} characters long")
+    if is_common_password(password):
+        raise WeakPassword(
+            "password", "is too common: it appears in lists of breached or often-used passwords"
+        )
+    local_part = email.rpartition("@")[0].casefold() if email else ""
+    if len(local_part) >= 4 and local_part in password.casefold():
+        raise WeakPassword("password", "may not contain the name part of your email address")
 
 
 def format_roles(roles: set[str] | list[str] | tuple[str, ...]) -> str:

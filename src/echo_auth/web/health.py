@@ -10,6 +10,7 @@ from sqlalchemy.exc import DBAPIError
 
 from echo_auth.audit.checkpoints import public_key_pem
 from echo_auth.db import migrate
+from echo_auth.identity.errors import NotFound
 from echo_auth.runtime import Runtime
 from echo_auth.web.problems import problem
 
@@ -49,7 +50,10 @@ def readyz(request: Request) -> dict[str, object] | Response:
 def checkpoint_public_key(request: Request) -> str:
     """The Ed25519 public key that verifies the audit log's signed checkpoints (PEM)."""
     runtime: Runtime = request.app.state.runtime
-    return public_key_pem(runtime.checkpoint_public_key)
+    key = runtime.checkpoint_public_key
+    if key is None:
+        raise NotFound("no checkpoint has been signed by this installation yet")
+    return public_key_pem(key)
 
 
 @router.get("/metrics")

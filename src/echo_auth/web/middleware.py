@@ -35,8 +35,34 @@ SECURITY_HEADERS = [
 ]
 
 
-class _BodyTooLarge(Exception):
-    pass
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+async def _read_capped(receive: Receive, limit: int) -> list[Message] | None:
+    """Every body message, or None once more than ``limit`` bytes arrived."""
+    messages: list[Message] = []
+    size = 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages
+        size += len(message.get("body", b""))
+        if size > limit:
+            return None
+        if not message.get("more_body", False):
+            return messages
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    pending = list(messages)
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay
 
 
 class HttpMetrics:
@@ -72,7 +98,6 @@ class EchoMiddleware:
         request_id = _incoming_request_id(scope) or secrets.token_hex(8)
         scope.setdefault("state", {})["request_id"] = request_id
         status_holder = [500]
-        response_started = False
 
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body:
@@ -80,22 +105,19 @@ class EchoMiddleware:
             self._observe(scope, 413, started)
             return
 
-        seen = 0
         docs_page = scope["path"] in ("/docs", "/redoc", "/docs/oauth2-redirect")
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise _BodyTooLarge()
-            return message
+        if declared is None and scope["method"] in _BODY_METHODS:
+            # No Content-Length (a chunked body): read it here, up to the limit, so an
+            # oversized one is refused with 413 before any route sees it.
+            buffered = await _read_capped(receive, self.max_body)
+            if buffered is None:
+                await _send_too_large(send, request_id, self.max_body)
+                self._observe(scope, 413, started)
+                return
+            receive = _replay(buffered, receive)
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal response_started
             if message["type"] == "http.response.start":
-                response_started = True
                 status_holder[0] = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
@@ -107,13 +129,7 @@ class EchoMiddleware:
                 message["headers"] = headers
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, send_wrapper)
-        except _BodyTooLarge:
-            if response_started:
-                raise
-            await _send_too_large(send, request_id, self.max_body)
-            status_holder[0] = 413
+        await self.app(scope, receive, send_wrapper)
         self._observe(scope, status_holder[0], started)
 
     def _observe(self, scope: Scope, status: int, started: float) -> None:

@@ -16,8 +16,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from echo_auth.audit.checkpoints import CheckpointKeyError
 from echo_auth.audit.search import InvalidQuery
 from echo_auth.config import ConfigurationError
+from echo_auth.identity.access_tokens import InvalidAccessToken
+from echo_auth.identity.admin import LastAdmin
 from echo_auth.identity.auth import AccountDisabled
 from echo_auth.identity.errors import (
     DomainError,
@@ -29,7 +32,9 @@ from echo_auth.identity.errors import (
     NotFound,
     Overloaded,
 )
+from echo_auth.identity.mfa import InvalidMfaCode, MfaAlreadyEnabled, MfaNotEnabled
 from echo_auth.identity.provisioning import EmailTaken
+from echo_auth.identity.throttle import RateLimited
 
 log = logging.getLogger("echo_auth.web")
 
@@ -42,9 +47,15 @@ _STATUS: dict[type[DomainError], int] = {
     Forbidden: 403,
     NotFound: 404,
     EmailTaken: 409,
+    LastAdmin: 409,
     InvalidToken: 400,
     InvalidInput: 422,
     Overloaded: 503,
+    RateLimited: 429,
+    InvalidMfaCode: 400,
+    MfaAlreadyEnabled: 409,
+    MfaNotEnabled: 409,
+    InvalidAccessToken: 401,
 }
 
 _TITLES = {
@@ -105,6 +116,8 @@ def install(app: FastAPI) -> None:
             headers["WWW-Authenticate"] = 'Bearer realm="echo"'
         if isinstance(exc, Overloaded):
             headers["Retry-After"] = "1"
+        if isinstance(exc, RateLimited):
+            headers["Retry-After"] = str(exc.retry_after)
         extra: dict[str, Any] = {}
         if isinstance(exc, InvalidInput):
             extra["errors"] = [{"field": exc.field, "message": exc.message}]
@@ -138,6 +151,15 @@ def install(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer to a body it cannot decode (not UTF-8, broken form data).
+            return problem(
+                422,
+                "validation_error",
+                "body: could not be decoded (JSON in UTF-8 expected)",
+                request_id=_request_id(request),
+                errors=[{"field": "body", "message": "could not be decoded"}],
+            )
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             exc.status_code, "http_error"
         )
@@ -177,4 +199,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(OperationalError, database_error)
     app.add_exception_handler(ConfigurationError, configuration_error)
+    app.add_exception_handler(CheckpointKeyError, configuration_error)
     app.add_exception_handler(Exception, unexpected)

@@ -15,7 +15,7 @@ from echo_auth.audit.events import AuditEvent, Source, Target
 from echo_auth.audit.outbox import enqueue_event
 from echo_auth.audit.pipeline import pipeline_status
 from echo_auth.audit.search import EventFilter, InvalidQuery, get_event, parse_time, search_events
-from echo_auth.audit.verify import verify_chain
+from echo_auth.audit.verify import verify_audit_log
 from echo_auth.db.engines import transaction
 from echo_auth.identity.auth import user_actor
 from echo_auth.identity.errors import NotFound
@@ -140,10 +140,8 @@ def pipeline(current: AuditReader, runtime: RuntimeDep, source: SourceDep) -> di
 @router.get("/verify")
 def verify(current: AuditReader, runtime: RuntimeDep, source: SourceDep) -> dict[str, Any]:
     with transaction(runtime.audit_reader, write=False) as conn:
-        report = verify_chain(
-            conn,
-            public_key=runtime.checkpoint_public_key,
-            external=runtime.checkpoint_sink.read_all(),
+        report = verify_audit_log(
+            conn, public_key=runtime.checkpoint_public_key, sink=runtime.checkpoint_sink
         )
     _record(
         runtime,

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, BackgroundTasks, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
+from echo_auth.identity.auth import LoginResult, MfaChallenge
+from echo_auth.identity.devices import DEVICE_COOKIE
 from echo_auth.identity.provisioning import redeem_bootstrap_token
 from echo_auth.web.deps import SESSION_COOKIE, CurrentSessionDep, RuntimeDep, SourceDep
 
 router = APIRouter(prefix="/v1", tags=["auth"])
+DEVICE_COOKIE_MAX_AGE = 60 * 60 * 24 * 365
 
 
 class Credentials(BaseModel):
@@ -38,6 +41,16 @@ class LoginOut(BaseModel):
     user: UserOut
 
 
+class MfaRequiredOut(BaseModel):
+    mfa_required: bool = True
+    mfa_token: str
+
+
+class MfaLoginIn(BaseModel):
+    mfa_token: str = Field(min_length=1, max_length=256)
+    code: str = Field(min_length=1, max_length=64, description="A TOTP code or a recovery code")
+
+
 class SetupIn(Credentials):
     token: str = Field(min_length=1, max_length=256)
 
@@ -57,22 +70,70 @@ def _set_session_cookie(
 
 
 @router.post("/signup", status_code=status.HTTP_201_CREATED, response_model=SignupOut)
-async def signup(body: Credentials, runtime: RuntimeDep, source: SourceDep) -> SignupOut:
+async def signup(
+    body: Credentials, background: BackgroundTasks, runtime: RuntimeDep, source: SourceDep
+) -> SignupOut:
+    """Create an account; a verification mail follows (sent after this answer)."""
     user_id = await run_in_threadpool(runtime.auth.signup, body.email, body.password, source)
+    # After the response (in the threadpool): a verification mail, or, for an address that
+    # is already verified, a notice to its owner. See EmailFlows.after_signup.
+    background.add_task(runtime.email_flows.after_signup, body.email, source, signed_up_id=user_id)
     return SignupOut(user_id=user_id)
 
 
-@router.post("/login", response_model=LoginOut)
-async def login(
-    body: Credentials, response: Response, runtime: RuntimeDep, source: SourceDep
-) -> LoginOut:
-    result = await run_in_threadpool(runtime.auth.login, body.email, body.password, source)
+def _logged_in(response: Response, runtime: RuntimeDep, result: LoginResult) -> LoginOut:
     _set_session_cookie(response, runtime, result.session.token, result.session.expires_at)
+    if result.device_token is not None:
+        response.set_cookie(
+            DEVICE_COOKIE,
+            result.device_token,
+            max_age=DEVICE_COOKIE_MAX_AGE,
+            httponly=True,
+            samesite="lax",
+            secure=runtime.settings.cookie_secure,
+            path="/",
+        )
     return LoginOut(
         session_token=result.session.token,
         expires_at=result.session.expires_at,
         user=UserOut(**result.user.public()),
     )
+
+
+@router.post(
+    "/login",
+    response_model=LoginOut | MfaRequiredOut,
+    responses={401: {"description": "invalid_credentials"}, 429: {"description": "rate_limited"}},
+)
+async def login(
+    body: Credentials,
+    request: Request,
+    response: Response,
+    runtime: RuntimeDep,
+    source: SourceDep,
+) -> LoginOut | MfaRequiredOut:
+    """Password step. Answers a session, or ``mfa_required`` with a token for ``/login/mfa``."""
+    device = request.cookies.get(DEVICE_COOKIE)
+    result = await run_in_threadpool(runtime.auth.login, body.email, body.password, source, device)
+    if isinstance(result, MfaChallenge):
+        return MfaRequiredOut(mfa_token=result.mfa_token)
+    return _logged_in(response, runtime, result)
+
+
+@router.post("/login/mfa", response_model=LoginOut)
+async def login_mfa(
+    body: MfaLoginIn,
+    request: Request,
+    response: Response,
+    runtime: RuntimeDep,
+    source: SourceDep,
+) -> LoginOut:
+    """Second step: a TOTP code or a recovery code completes the login."""
+    device = request.cookies.get(DEVICE_COOKIE)
+    result = await run_in_threadpool(
+        runtime.auth.complete_mfa, body.mfa_token, body.code, source, device
+    )
+    return _logged_in(response, runtime, result)
 
 
 @router.post("/logout", status_code=status.HTTP_204_NO_CONTENT)
