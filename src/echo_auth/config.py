@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     ip_max_failures: int = Field(default=50, ge=1, le=100000)
     throttle_window_s: int = Field(default=900, ge=1)
 
+    # Logging: JSON lines on stderr by default.
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = True
+
     # HTTP.
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     trusted_proxies: list[str] = Field(default_factory=list)

@@ -21,9 +21,11 @@ chain and catches a rewritten history or a cut-off tail.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -78,14 +80,36 @@ def load_or_create_key(path: Path, *, create: bool = True) -> Ed25519PrivateKey:
     )
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_new_file(path, pem, 0o600)
     except FileExistsError:  # another process created it first: use theirs
         return load_or_create_key(path, create=False)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
     # The public half beside it: verification needs only this file, never the private key.
-    public_path(path).write_text(public_key_pem(key.public_key()))
+    with contextlib.suppress(FileExistsError):
+        write_new_file(public_path(path), public_key_pem(key.public_key()).encode(), 0o644)
     return key
+
+
+def write_new_file(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``data``, all or nothing, never replacing an existing file.
+
+    Written to a temporary name and fsynced, then hard-linked into place (link fails if
+    the name exists), so a crash leaves either no file or the whole file, never a stub.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def public_path(private_path: Path) -> Path:
@@ -197,16 +221,8 @@ class DirectorySink:
         self.directory.mkdir(parents=True, exist_ok=True)
         stem = checkpoint.file_stem
         # Signature first: a statement file never exists without its signature.
-        self._write_once(self.directory / f"{stem}.sig", checkpoint.signature)
-        self._write_once(self.directory / f"{stem}.json", checkpoint.statement)
-
-    @staticmethod
-    def _write_once(path: Path, data: bytes) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write_new_file(self.directory / f"{stem}.sig", checkpoint.signature, 0o444)
+        write_new_file(self.directory / f"{stem}.json", checkpoint.statement, 0o444)
 
     def read_all(self) -> Iterator[tuple[str, bytes, bytes | None]]:
         if not self.directory.is_dir():

@@ -8,6 +8,7 @@ Secrets never enter an event: ``metadata`` refuses keys that name one.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -72,7 +73,19 @@ CATALOG: Final[dict[str, str]] = {
 
 # Metadata keys that could only hold a secret. A caller that tries is a bug, caught early.
 _FORBIDDEN_KEY_WORDS: Final = frozenset(
-    {"password", "passwd", "secret", "token", "tokens", "code", "codes", "private", "hash", "otp"}
+    {
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "tokens",
+        "code",
+        "codes",
+        "private",
+        "hash",
+        "otp",
+        "totp",
+    }
 )
 MAX_METADATA_BYTES: Final = 4096
 GENESIS_HASH: Final = "0" * 64
@@ -158,6 +171,8 @@ class AuditEvent:
         if self.actor.type not in ACTOR_TYPES:
             raise InvalidEvent(f"unknown actor type {self.actor.type!r}")
         _check_metadata(self.metadata)
+        # A private copy: the caller's dict changing later cannot change what was checked.
+        object.__setattr__(self, "metadata", copy.deepcopy(self.metadata))
 
     def to_document(self) -> dict[str, Any]:
         return {
@@ -194,7 +209,7 @@ def _clip(value: str | None, limit: int) -> str | None:
 def _check_metadata(metadata: dict[str, Any]) -> None:
     for key in _walk_keys(metadata):
         # camelCase and snake_case alike: "sessionToken" and "session_token" both name a token.
-        spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key)
+        spaced = re.sub(r"(?<=[A-Z])(?=[A-Z][a-z])|(?<=[a-z0-9])(?=[A-Z])", "_", key)
         words = set(re.split(r"[^a-z0-9]+", spaced.lower()))
         if words & _FORBIDDEN_KEY_WORDS:
             raise InvalidEvent(f"metadata key {key!r} looks like a secret; events never hold one")

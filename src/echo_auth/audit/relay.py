@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, Engine, delete, insert, select, update
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from echo_auth.audit.chain import MalformedPayload, QueuedEvent, append_to_chain
 from echo_auth.audit.checkpoints import Checkpoint, Checkpointer
@@ -85,12 +85,45 @@ def _claim(conn: Connection, limit: int) -> list[tuple[int, str, str, int]]:
     return [(r.id, r.event_id, r.payload, r.attempts) for r in conn.execute(stmt)]
 
 
-def _is_unreachable(exc: DBAPIError) -> bool:
-    return isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
+# MySQL errors that mean "try the same batch again at once": another transaction held a
+# lock we needed. Delivery is idempotent, so the retry is harmless.
+_LOCK_CONFLICTS = frozenset({1205, 1213})
+
+
+def _mysql_code(exc: DBAPIError) -> int | None:
+    args = getattr(exc.orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def _is_event_specific(exc: DBAPIError) -> bool:
+    """Only errors about an event's own data may count against that event.
+
+    Anything else (the server is down, a table or grant is missing, a lock conflict) is
+    the audit database's trouble, not the event's: the whole batch waits and retries, and
+    nothing is dead-lettered for it.
+    """
+    return isinstance(exc, DataError | IntegrityError) and not exc.connection_invalidated
+
+
+class LockConflict(Exception):
+    """A deadlock or lock wait timeout; the batch is retried at once."""
 
 
 def deliver_batch(identity: Engine, audit: Engine, policy: RelayPolicy) -> BatchResult:
-    """Claim one batch and deliver it. Raises :class:`AuditUnavailable` if the audit DB is down."""
+    """Claim one batch and deliver it.
+
+    Raises :class:`AuditUnavailable` if the audit database cannot take it, and
+    :class:`LockConflict` after a deadlock or lock wait timeout (retry at once).
+    """
+    try:
+        return _deliver_batch(identity, audit, policy)
+    except DBAPIError as exc:
+        if _mysql_code(exc) in _LOCK_CONFLICTS:
+            raise LockConflict(_short(exc)) from exc
+        raise
+
+
+def _deliver_batch(identity: Engine, audit: Engine, policy: RelayPolicy) -> BatchResult:
     result = BatchResult()
     with transaction(identity) as iconn:
         claimed = _claim(iconn, policy.batch_size)
@@ -106,7 +139,9 @@ def deliver_batch(identity: Engine, audit: Engine, policy: RelayPolicy) -> Batch
             done = [q.event_id for q in queued]
             result.delivered = len(appended)
         except DBAPIError as exc:
-            if _is_unreachable(exc):
+            if _mysql_code(exc) in _LOCK_CONFLICTS:
+                raise LockConflict(_short(exc)) from exc
+            if not _is_event_specific(exc):
                 raise AuditUnavailable(_short(exc)) from exc
             done = _deliver_one_by_one(iconn, audit, queued, by_event, policy, result)
         except MalformedPayload:
@@ -135,7 +170,9 @@ def _deliver_one_by_one(
                 result.delivered += len(append_to_chain(aconn, [event]))
             done.append(event.event_id)
         except DBAPIError as exc:
-            if _is_unreachable(exc):
+            if _mysql_code(exc) in _LOCK_CONFLICTS:
+                raise LockConflict(_short(exc)) from exc
+            if not _is_event_specific(exc):
                 raise AuditUnavailable(_short(exc)) from exc
             _record_failure(iconn, event, by_event[event.event_id], _short(exc), policy, result)
         except MalformedPayload as exc:
@@ -177,6 +214,8 @@ def _record_failure(
         )
     )
     iconn.execute(delete(audit_outbox).where(audit_outbox.c.id == row_id))
+    if _is_dead_letter_notice(event):
+        return  # a notice about a dead letter that itself died: no notice about the notice
     enqueue_event(
         iconn,
         AuditEvent(
@@ -191,6 +230,10 @@ def _record_failure(
     result.dead_lettered += 1
 
 
+def _is_dead_letter_notice(event: QueuedEvent) -> bool:
+    return '"action":"system.dead_letter.' in event.payload
+
+
 def _short(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc)
     return text.splitlines()[0][:500] if text else type(exc).__name__
@@ -200,7 +243,10 @@ def drain(identity: Engine, audit: Engine, policy: RelayPolicy) -> int:
     """Deliver until nothing deliverable is left; returns the number of events appended."""
     total = 0
     while True:
-        result = deliver_batch(identity, audit, policy)
+        try:
+            result = deliver_batch(identity, audit, policy)
+        except LockConflict:
+            continue
         total += result.delivered
         if result.claimed < policy.batch_size:
             return total
@@ -229,6 +275,9 @@ def run_relay(
             try_checkpoint(checkpointer)
         try:
             result = deliver_batch(identity, audit, policy)
+        except LockConflict as exc:
+            log.info("relay batch met a lock conflict (%s); retrying", exc)
+            continue
         except (AuditUnavailable, DBAPIError) as exc:
             unavailable_for += 1
             stats.errors += 1

@@ -175,6 +175,7 @@ class _Row:
     prev_hash: str
     content_ok: bool
     columns_ok: bool
+    computed: str = ""
     displaced: bool = False
 
 
@@ -229,6 +230,8 @@ def _judge(report: VerifyReport, window: _Window, row: _Row, is_last: bool) -> N
         return
     if expected_prev is None or row.prev_hash == expected_prev:
         return
+    if pred is not None and not pred.content_ok and row.prev_hash == pred.computed:
+        return  # the predecessor's stored hash was altered (reported there); this link holds
     target = window.by_hash.get(row.prev_hash)
     mine_referenced_by_earlier = any(
         r.prev_hash == row.hash for r in window.rows if r.pos < row.pos
@@ -345,13 +348,15 @@ def verify_chain(
     while True:
         rows = conn.execute(stmt.where(audit_events.c.seq > after).limit(batch)).all()
         for raw in rows:
+            computed = link_hash(raw.prev_hash, raw.event_json)
             row = _Row(
                 pos=pos,
                 seq=int(raw.seq),
                 hash=raw.hash,
                 prev_hash=raw.prev_hash,
-                content_ok=link_hash(raw.prev_hash, raw.event_json) == raw.hash,
+                content_ok=computed == raw.hash,
                 columns_ok=_columns_agree(raw),
+                computed=computed,
             )
             if row.seq in by_seq:
                 chain_hash_at[row.seq] = row.hash

@@ -15,6 +15,7 @@ from echo_auth.cli.main import CliContext, cli, fail, one_line_errors, pass_ctx
 from echo_auth.db import migrate
 from echo_auth.db.engines import transaction
 from echo_auth.identity.provisioning import issue_bootstrap_token
+from echo_auth.observability import configure_logging
 
 
 def _require_migrated(ctx: CliContext) -> None:
@@ -39,6 +40,7 @@ def serve(ctx: CliContext, host: str, port: int, workers: int, no_relay: bool) -
 
     settings = ctx.settings
     settings.check_for_serving()
+    configure_logging(settings.log_level, json_lines=settings.log_json)
     _require_migrated(ctx)
     runtime = ctx.runtime
     with transaction(runtime.identity) as conn:
@@ -67,7 +69,7 @@ def serve(ctx: CliContext, host: str, port: int, workers: int, no_relay: bool) -
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     if workers == 1:
         app = create_app(settings, runtime=runtime, run_relay_in_process=not no_relay)
-        uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning")
+        uvicorn.run(app, host=host, port=port, access_log=False, log_config=None)
         return
     runtime.close()
     os.environ["ECHO_SERVE_RELAY"] = "0" if no_relay else "1"
@@ -78,7 +80,7 @@ def serve(ctx: CliContext, host: str, port: int, workers: int, no_relay: bool) -
         port=port,
         workers=workers,
         access_log=False,
-        log_level="warning",
+        log_config=None,
     )
 
 
@@ -90,6 +92,7 @@ def relay(ctx: CliContext, once: bool) -> None:
     """Move audit events from the outbox into the hash-chained audit log."""
     _require_migrated(ctx)
     runtime = ctx.runtime
+    configure_logging(ctx.settings.log_level, json_lines=ctx.settings.log_json)
     if once:
         try:
             moved = drain(runtime.relay_identity, runtime.audit, runtime.relay_policy)

@@ -15,6 +15,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from echo_auth.observability import request_id_var
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -73,6 +75,12 @@ class HttpMetrics:
             ["method", "route", "status"],
             registry=registry,
         )
+        self.logins = Counter(
+            "echo_logins",
+            "Login attempts by outcome (password and MFA steps)",
+            ["step", "outcome"],
+            registry=registry,
+        )
         self.latency = Histogram(
             "echo_http_request_duration_seconds",
             "HTTP request latency by route",
@@ -97,6 +105,7 @@ class EchoMiddleware:
         started = time.perf_counter()
         request_id = _incoming_request_id(scope) or secrets.token_hex(8)
         scope.setdefault("state", {})["request_id"] = request_id
+        request_id_var.set(request_id)
         status_holder = [500]
 
         declared = _content_length(scope)
