@@ -5,19 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 from sqlalchemy.exc import DBAPIError
 
 from echo_auth import __version__
 from echo_auth.audit.events import Actor, AuditEvent
 from echo_auth.audit.outbox import enqueue_event
-from echo_auth.audit.pipeline import outbox_status
 from echo_auth.audit.relay import RelayStats, run_relay
 from echo_auth.config import Settings
 from echo_auth.db.engines import transaction
@@ -30,38 +27,10 @@ from echo_auth.web.api import auth as auth_api
 from echo_auth.web.api import mfa as mfa_api
 from echo_auth.web.api import recovery as recovery_api
 from echo_auth.web.api import tokens as tokens_api
+from echo_auth.web.metrics import PipelineCollector
 from echo_auth.web.middleware import EchoMiddleware, HttpMetrics
 
 log = logging.getLogger("echo_auth")
-
-
-class PipelineCollector(Collector):
-    """Outbox depth, oldest undelivered age and dead letters, read at scrape time."""
-
-    def __init__(self, runtime: Runtime, relay_stats: RelayStats) -> None:
-        self.runtime = runtime
-        self.relay_stats = relay_stats
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        try:
-            with transaction(self.runtime.identity, write=False) as conn:
-                depth, age, dead = outbox_status(conn)
-        except DBAPIError:
-            return
-        yield GaugeMetricFamily("echo_outbox_depth", "Events waiting in the outbox", value=depth)
-        yield GaugeMetricFamily(
-            "echo_outbox_oldest_age_seconds",
-            "Age of the oldest undelivered event",
-            value=age or 0.0,
-        )
-        yield GaugeMetricFamily(
-            "echo_dead_letters", "Events set aside as undeliverable", value=dead
-        )
-        yield GaugeMetricFamily(
-            "echo_relay_delivered",
-            "Events appended to the chain by this process's relay",
-            value=self.relay_stats.delivered,
-        )
 
 
 def create_app(
@@ -114,10 +83,12 @@ def create_app(
     app.include_router(recovery_api.router)
     app.include_router(tokens_api.router)
     app.include_router(health.router)
+    http_metrics = HttpMetrics(registry)
+    app.state.http_metrics = http_metrics
     app.add_middleware(
         EchoMiddleware,
         max_body_bytes=settings.max_body_bytes,
-        metrics=HttpMetrics(registry),
+        metrics=http_metrics,
     )
     return app
 

@@ -229,6 +229,19 @@ def test_smtps_mailer_uses_implicit_tls(certificate: Certificate) -> None:
         controller.stop()
 
 
+def test_internationalised_addresses_go_out_with_smtputf8(
+    smtp_server: tuple[Inbox, int], tmp_path: Path
+) -> None:
+    inbox, port = smtp_server
+    to = "jörg@exämple.com"
+    SmtpMailer.from_url(f"smtp://127.0.0.1:{port}", timeout=5).send(_message(to))
+    assert inbox.messages[0][1] == [to]
+    assert _parse(inbox.messages[0][2])["To"] == to
+    FileMailer(tmp_path).send(_message(to))
+    [saved] = tmp_path.glob("*.eml")
+    assert _parse(saved.read_bytes())["To"] == to
+
+
 def test_smtp_mailer_raises_oserror_when_no_server_answers() -> None:
     mailer = SmtpMailer.from_url(f"smtp://127.0.0.1:{_free_port()}", timeout=2)
     with pytest.raises(OSError):

@@ -84,9 +84,12 @@ class AuthService:
     password_max_length: int = 1024
     mfa_token_ttl: timedelta = timedelta(minutes=5)
 
-    def check_password(self, password: str) -> None:
+    def check_password(self, password: str, email: str | None = None) -> None:
         check_password_policy(
-            password, min_length=self.password_min_length, max_length=self.password_max_length
+            password,
+            min_length=self.password_min_length,
+            max_length=self.password_max_length,
+            email=email,
         )
 
     # -- sign-up ------------------------------------------------------------------------
@@ -100,7 +103,7 @@ class AuthService:
         reason ``email_taken``.
         """
         email = normalize_email(raw_email)
-        self.check_password(password)
+        self.check_password(password, email)
         password_hash = self.hasher.hash(password)
         try:
             with transaction(self.identity) as conn:

@@ -93,7 +93,9 @@ class EmailFlows:
 
         Earlier unused verification tokens of the user stop working. The token and the
         ``user.email_verification.sent`` event commit together; the mail goes after.
-        ``actor`` defaults to the user.
+        ``actor`` defaults to the user. Nothing happens when the user is gone or
+        ``email`` is no longer their address; over ``mails_per_hour`` the event is
+        recorded as denied (``too_many_mails``) and no mail goes out.
         """
         with transaction(self.identity) as conn:
             user = find_by_id(conn, user_id)

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from echo_auth.config import Settings
 
 TEMPLATE_DIR: Final = Path(__file__).parent / "templates" / "mail"
+# UTF-8 headers (internationalised addresses) and local line ends, as mail tools save files.
+_EML_POLICY: Final = SMTPUTF8.clone(linesep=os.linesep)
 
 SUBJECTS: Final[dict[str, str]] = {
     "verify_email": "Confirm your email address",
@@ -132,8 +134,7 @@ class FileMailer:
 
     def send(self, message: EmailMessage) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # CRLF line ends, as in RFC 5322; UTF-8 headers for internationalised addresses.
-        data = message.as_bytes(policy=SMTPUTF8)
+        data = message.as_bytes(policy=_EML_POLICY)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         name = f"{stamp}-{secrets.token_hex(8)}.eml"
         partial = self.directory / f".{name}.partial"

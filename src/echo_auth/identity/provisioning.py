@@ -55,7 +55,7 @@ def redeem_bootstrap_token(
 ) -> User:
     """Create the first admin (roles admin and auditor) with a one-time bootstrap token."""
     email = normalize_email(raw_email)
-    auth.check_password(password)
+    auth.check_password(password, email)
     password_hash = auth.hasher.hash(password)
     with transaction(auth.identity) as conn:
         if len(token) > 256 or not consume_token(conn, BOOTSTRAP, token) or count_users(conn):
@@ -92,7 +92,7 @@ def create_user_by_operator(
     """An operator (the CLI) creates an account; its address counts as verified."""
     email = normalize_email(raw_email)
     stored_roles = format_roles(roles)
-    auth.check_password(password)
+    auth.check_password(password, email)
     password_hash = auth.hasher.hash(password)
     with transaction(auth.identity) as conn:
         if email_exists(conn, email):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 
 from fastapi import APIRouter, BackgroundTasks, Request, Response, status
@@ -10,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from echo_auth.identity.auth import LoginResult, MfaChallenge
 from echo_auth.identity.devices import DEVICE_COOKIE
+from echo_auth.identity.errors import DomainError
 from echo_auth.identity.provisioning import redeem_bootstrap_token
 from echo_auth.web.deps import SESSION_COOKIE, CurrentSessionDep, RuntimeDep, SourceDep
 
@@ -81,6 +84,18 @@ async def signup(
     return SignupOut(user_id=user_id)
 
 
+@contextmanager
+def count_outcome(request: Request, step: str) -> Iterator[None]:
+    """Count a login step's outcome (``echo_logins_total``) by its domain result."""
+    counter = request.app.state.http_metrics.logins
+    try:
+        yield
+    except DomainError as exc:
+        counter.labels(step, exc.code).inc()
+        raise
+    counter.labels(step, "success").inc()
+
+
 def _logged_in(response: Response, runtime: RuntimeDep, result: LoginResult) -> LoginOut:
     _set_session_cookie(response, runtime, result.session.token, result.session.expires_at)
     if result.device_token is not None:
@@ -114,7 +129,10 @@ async def login(
 ) -> LoginOut | MfaRequiredOut:
     """Password step. Answers a session, or ``mfa_required`` with a token for ``/login/mfa``."""
     device = request.cookies.get(DEVICE_COOKIE)
-    result = await run_in_threadpool(runtime.auth.login, body.email, body.password, source, device)
+    with count_outcome(request, "password"):
+        result = await run_in_threadpool(
+            runtime.auth.login, body.email, body.password, source, device
+        )
     if isinstance(result, MfaChallenge):
         return MfaRequiredOut(mfa_token=result.mfa_token)
     return _logged_in(response, runtime, result)
@@ -130,9 +148,10 @@ async def login_mfa(
 ) -> LoginOut:
     """Second step: a TOTP code or a recovery code completes the login."""
     device = request.cookies.get(DEVICE_COOKIE)
-    result = await run_in_threadpool(
-        runtime.auth.complete_mfa, body.mfa_token, body.code, source, device
-    )
+    with count_outcome(request, "mfa"):
+        result = await run_in_threadpool(
+            runtime.auth.complete_mfa, body.mfa_token, body.code, source, device
+        )
     return _logged_in(response, runtime, result)
 
 
