@@ -57,6 +57,15 @@ class Runtime:
         self._engines.append(engine)
         return engine
 
+    @cached_property
+    def identity_reads(self) -> Engine:
+        """The identity database for one-statement reads on hot paths (session lookups)."""
+        engine = make_engine(
+            self.settings.identity_db_url, pool_size=self.pool_size, autocommit_reads=True
+        )
+        self._engines.append(engine)
+        return engine
+
     def _engine_for(self, url: str, *candidates: str) -> Engine:
         """Share an engine between roles that use the very same URL."""
         for name in candidates:
@@ -161,6 +170,7 @@ class Runtime:
         s = self.settings
         return AuthService(
             identity=self.identity,
+            reads=self.identity_reads,
             hasher=self.hasher,
             sessions=self.session_policy,
             throttle=self.throttle,

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from echo_auth.audit.events import Actor, AuditEvent, Source, Target, uuid7
 from echo_auth.audit.outbox import enqueue_event, enqueue_events
-from echo_auth.db.engines import transaction
+from echo_auth.db.engines import single_read, transaction
 from echo_auth.db.identity_schema import users
 from echo_auth.identity.devices import find_device, remember_device, touch_device
 from echo_auth.identity.errors import DomainError, InvalidCredentials, InvalidToken
@@ -77,6 +77,8 @@ def user_actor(user: User) -> Actor:
 @dataclass
 class AuthService:
     identity: Engine
+    # Autocommitted single reads for the hot path (see db.engines.make_engine).
+    reads: Engine
     hasher: PasswordHasherProtocol
     sessions: SessionPolicy
     throttle: Throttle
@@ -347,7 +349,7 @@ class AuthService:
 
     def authenticate(self, token: str) -> CurrentSession | None:
         """The live session for a token; touches last-seen at most once per interval."""
-        with transaction(self.identity, write=False) as conn:
+        with single_read(self.reads) as conn:
             current = resolve_session(conn, token, self.sessions)
         if current is not None and current.needs_touch:
             with transaction(self.identity) as conn:

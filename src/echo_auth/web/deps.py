@@ -7,6 +7,7 @@ from typing import Annotated
 from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 
 from echo_auth.audit.events import AuditEvent, Source
 from echo_auth.audit.outbox import enqueue_event
@@ -71,14 +72,16 @@ def _presented_token(request: Request) -> tuple[str | None, bool]:
     return (cookie, True) if cookie else (None, False)
 
 
-def get_current_session(request: Request) -> CurrentSession:
+async def get_current_session(request: Request) -> CurrentSession:
+    # Async, with the lookup in one worker-thread hop: every authenticated request pays
+    # for this, so it must not cost two thread switches (a sync dependency would).
     token, from_cookie = _presented_token(request)
     if token is None:
         raise NotAuthenticated()
     if from_cookie and request.method in _UNSAFE:
         _check_same_origin(request)
     runtime: Runtime = request.app.state.runtime
-    current = runtime.auth.authenticate(token)
+    current = await run_in_threadpool(runtime.auth.authenticate, token)
     if current is None:
         raise NotAuthenticated("the session is missing, expired or revoked")
     return current

@@ -164,7 +164,7 @@ def logout(current: CurrentSessionDep, runtime: RuntimeDep, source: SourceDep) -
 
 
 @router.get("/me", response_model=UserOut)
-def me(current: CurrentSessionDep) -> UserOut:
+async def me(current: CurrentSessionDep) -> UserOut:
     return UserOut(**current.user.public())
 
 
