@@ -139,7 +139,10 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         errors = [
             {
-                "field": ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body",
+                # A JSON syntax error's location is a character offset, not a field.
+                "field": "body"
+                if err.get("type") == "json_invalid"
+                else ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body",
                 "message": str(err.get("msg", "invalid")),
             }
             for err in exc.errors()
