@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export ECHO_DATA_DIR ?= ./var
 
-.PHONY: run test lint fmt typecheck bench clean
+.PHONY: run demo test lint fmt typecheck bench clean
 
 # The runtime install (what `make run` needs) and the dev install (tests, lint, types).
 $(VENV)/.installed: pyproject.toml
@@ -24,9 +24,17 @@ run: $(VENV)/.installed
 	$(BIN)/echo-auth db upgrade
 	exec $(BIN)/echo-auth serve
 
+## demo: like run, after `echo-auth demo seed` fills a fresh ./var with accounts and activity
+demo: $(VENV)/.installed
+	$(BIN)/echo-auth db upgrade
+	$(BIN)/echo-auth demo seed
+	exec $(BIN)/echo-auth serve
+
 ## test: lint, type-check and the whole suite, on SQLite and MySQL/MariaDB
 test: $(VENV)/.installed-dev lint typecheck
 	PY=$(BIN)/python scripts/ensure-mysql
+	scripts/ensure-chromium
+	scripts/ensure-mysql-client
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-dev

@@ -12,6 +12,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pymysql
 
@@ -23,6 +24,7 @@ from bench.common import (
     MySQLServer,
     Options,
     Row,
+    loadavg,
     log,
     machine_info,
     machine_line,
@@ -49,13 +51,17 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:,.3g} {unit}"
 
 
-def render(rows: list[Row], *, total_s: float, command: str, failed: list[str]) -> str:
+def render(
+    rows: list[Row], *, total_s: float, command: str, failed: list[str], loads: list[str]
+) -> str:
     lines = [
         "# Echo benchmark results",
         "",
         f"Machine: {machine_line()}  ",
         f"Command: `{command}`; total wall time {total_s:.0f} s"
-        + (f"; FAILED: {', '.join(failed)}" if failed else ""),
+        + (f"; FAILED: {', '.join(failed)}" if failed else "")
+        + "  ",
+        f"1-minute load average when each benchmark started (2 cores): {', '.join(loads)}",
         "",
         "| benchmark | case | metric | median | spread | reps | note |",
         "| --- | --- | --- | ---: | ---: | ---: | --- |",
@@ -85,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="tiny sizes, to check the harness works (results go to bench/results/quick/)",
     )
+    parser.add_argument(
+        "--results-dir", type=Path, default=None, help="where to write (default bench/results)"
+    )
     parser.add_argument("--reps", type=int, default=MIN_REPEATS, help="repetitions (>= 3)")
     parser.add_argument(
         "--verify-n", type=int, default=None, help="verify: build exactly N events (no budget)"
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(
         reps=args.reps,
         quick=args.quick,
-        results_dir=RESULTS_DIR / "quick" if args.quick else RESULTS_DIR,
+        results_dir=args.results_dir or (RESULTS_DIR / "quick" if args.quick else RESULTS_DIR),
         deadline=None if args.no_deadline else started + TOTAL_BUDGET_S,
         verify_n=args.verify_n,
         verify_budget_s=args.verify_budget,
@@ -128,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     failed: list[str] = []
+    loads: list[str] = []
     for name in names:
-        log(f"== {name}")
+        load = loadavg()
+        loads.append(f"{name} {load[0] if load else '?'}")
+        log(f"== {name} (load average {load})")
         t0 = time.perf_counter()
         try:
             rows += BENCHMARKS[name](opts)
@@ -137,10 +149,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             failed.append(name)
             rows.append(Row(name, "-", "FAILED", 0.0, "", note="see the log above"))
-        log(f"== {name} took {time.perf_counter() - t0:.0f} s")
+        took = time.perf_counter() - t0
+        log(f"== {name} took {took:.0f} s")
+        loads[-1] += f" ({took:.0f} s)"
     total = time.perf_counter() - started
     command = "python -m bench" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
-    table = render(rows, total_s=total, command=command, failed=failed)
+    table = render(rows, total_s=total, command=command, failed=failed, loads=loads)
     opts.results_dir.mkdir(parents=True, exist_ok=True)
     (opts.results_dir / "summary.md").write_text(table)
     print()

@@ -251,10 +251,6 @@ def machine_info() -> dict[str, Any]:
             mariadb = MySQLServer.from_url().version()
         except pymysql.MySQLError as exc:
             mariadb = f"unavailable ({exc.args[0] if exc.args else exc})"
-        try:
-            load = os.getloadavg()
-        except OSError:
-            load = (0.0, 0.0, 0.0)
         _MACHINE = {
             "host": socket.gethostname(),
             "cpu": _cpu_model(),
@@ -264,10 +260,18 @@ def machine_info() -> dict[str, Any]:
             "python": platform.python_version(),
             "mariadb": mariadb,
             "sqlite": sqlite3.sqlite_version,
-            "loadavg_at_start": [round(x, 2) for x in load],
+            "loadavg_at_start": loadavg(),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
         }
     return _MACHINE
+
+
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages (other work on this shared machine)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
 
 
 def _memory_gib() -> float | None:
@@ -312,6 +316,7 @@ def write_result(opts: Options, name: str, document: dict[str, Any], rows: list[
         "benchmark": name,
         "machine": machine_info(),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "loadavg_at_finish": loadavg(),
         **document,
         "summary_rows": [row.__dict__ for row in rows],
     }

@@ -42,6 +42,7 @@ TARGET_N = 1_000_000
 CHUNK = 5_000
 CALIBRATION_N = 25_000
 ROUND_TO = 25_000
+MIN_PLANNING_S = 90.0  # below this, skip calibrating and use CALIBRATION_N
 SAFETY = 0.85  # plan for a machine 15% slower than the calibration saw
 BACKEND_ORDER = ("sqlite", "mariadb")
 TARGET_RATE = 50_000
@@ -115,7 +116,14 @@ def run(opts: Options) -> list[Row]:
                 rt.upgrade_databases()
             builder = ChainBuilder({b: rt.audit for b, rt in runtimes.items()})
             calibration: dict[str, dict[str, Any]] = {}
-            if opts.verify_n is None and not opts.quick:
+            left = min(opts.verify_budget_s, opts.remaining() - 10.0)
+            if opts.verify_n is None and not opts.quick and left < MIN_PLANNING_S:
+                n = CALIBRATION_N
+                log(
+                    f"verify: only {max(left, 0):.0f} s left of the budget; "
+                    f"N = {n:,} without calibrating"
+                )
+            elif opts.verify_n is None and not opts.quick:
                 builder.grow_to(CALIBRATION_N)
                 for backend in BACKEND_ORDER:
                     calibration[backend] = _measure(dbs[backend].audit_url, builder.n)

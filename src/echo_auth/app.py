@@ -19,7 +19,7 @@ from echo_auth.audit.relay import RelayStats, run_relay
 from echo_auth.config import Settings
 from echo_auth.db.engines import transaction
 from echo_auth.runtime import Runtime
-from echo_auth.web import health, problems
+from echo_auth.web import health, pages, problems
 from echo_auth.web.api import account as account_api
 from echo_auth.web.api import admin as admin_api
 from echo_auth.web.api import audit as audit_api
@@ -83,6 +83,7 @@ def create_app(
     app.include_router(recovery_api.router)
     app.include_router(tokens_api.router)
     app.include_router(health.router)
+    pages.install(app, settings)
     http_metrics = HttpMetrics(registry)
     app.state.http_metrics = http_metrics
     app.add_middleware(

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     reset_token_ttl_s: int = Field(default=60 * 60, ge=60)
     checkpoint_dir: Path | None = None
     backup_dir: Path | None = None
+    # Backups (see ops/backup.py): how many archives `backup create` keeps in the directory,
+    # and the age public key(s) to encrypt them to (comma-separated; empty: not encrypted).
+    backup_keep: int = Field(default=14, ge=1, le=100000)
+    backup_age_recipient: str = ""
 
     # Password hashing (argon2id). Defaults are RFC 9106's second recommendation.
     argon2_time_cost: int = Field(default=3, ge=1, le=100)

@@ -203,11 +203,11 @@ def _operator_flow(cli: EchoCli, runtime: Runtime) -> None:
     assert shown("dead letters") == "0"
     assert "intact" in ok(verified).stdout.lower() and "tampered" not in verified.stdout.lower()
 
-    # -- relay --once delivers everything queued: the login and 3 operator reads (the
-    # refused duplicate queued nothing).
-    assert delivered(cli.run("relay", "--once")) == 4
+    # -- relay --once delivers everything queued: the login, 3 operator reads and the
+    # refused duplicate (a refusal is recorded too, but changes nothing).
+    assert delivered(cli.run("relay", "--once")) == 5
     events = all_events(runtime)
-    assert len(events) == 6
+    assert len(events) == 7
     r = TestClient(create_app(runtime.settings, runtime=runtime), base_url=BASE_URL).post(
         "/v1/login", json={"email": "root@example.com", "password": "another long password"}
     )
@@ -233,9 +233,13 @@ def _operator_flow(cli: EchoCli, runtime: Runtime) -> None:
     assert by_operator["audit.searched"] == ["echo-auth audit search --json"]
     assert by_operator["audit.pipeline.viewed"] == ["echo-auth audit pipeline"]
     assert by_operator["audit.verified"] == ["echo-auth audit verify"]
-    [created] = [e for e in events if e["action"] == "user.signed_up"]
-    assert created["target"]["id"] == login_user_id
+    outcomes = {e["outcome"]: e for e in events if e["action"] == "user.signed_up"}
+    assert sorted(outcomes) == ["failure", "success"]
+    created, refused = outcomes["success"], outcomes["failure"]
+    assert created["outcome"] == "success" and created["target"]["id"] == login_user_id
     assert created["metadata"]["via"] == "cli" and created["metadata"]["roles"] == ["admin", "user"]
+    assert refused["outcome"] == "failure" and refused["reason"] == "email_taken"
+    assert refused["metadata"]["command"] == "echo-auth user create --email ROOT@example.com"
 
     # -- change one row by hand, as someone with the database's owner rights could (the
     # append-only trigger, where there is one, is dropped first): verify exits 1 and
@@ -266,11 +270,12 @@ def test_usage_and_configuration_errors_are_one_line(tmp_path: Path) -> None:
     cli = EchoCli(tmp_path, {"ECHO_ENV": "test", "ECHO_DATA_DIR": str(data)})
     bad_url, unreachable, unknown_role = cli.run_all(
         Call(["audit", "pipeline"], env={"ECHO_IDENTITY_DB_URL": "postgres://x"}),
-        Call(["relay", "--once"], env={"ECHO_AUDIT_DB_URL": "mysql://root@127.0.0.1:1/echo"}),
+        Call(["audit", "search"], env={"ECHO_AUDIT_DB_URL": "mysql://root@127.0.0.1:1/echo"}),
         Call(["user", "create", "--email", "new@example.com", "--role", "superuser"], PASSWORD),
     )
     assert "postgres" in one_line_error(bad_url)
-    assert "database" in one_line_error(unreachable).lower()
+    line = one_line_error(unreachable)
+    assert "database error" in line and "127.0.0.1" in line
     # An unknown role is a usage error (click's usage text), refused before anything runs.
     assert unknown_role.code == 2, str(unknown_role)
     assert "superuser" in unknown_role.stderr and "Traceback" not in unknown_role.stderr

@@ -135,6 +135,7 @@ def test_serve_first_admin_relay_and_clean_shutdown(
         tokens = TOKEN.findall(stderr.text())
         assert len(tokens) == 1, stderr.text()
         token = tokens[0]
+        assert f"{base}/setup?token={token}" in stderr.text()  # and as a link to the page
         setup = {"token": token, "email": "First@Example.com", "password": PASSWORD}
         r = http.post("/v1/setup", json=setup)
         assert r.status_code == 201, r.text

@@ -29,6 +29,22 @@ class MalformedPayload(ValueError):
     """An outbox payload that is not an event document."""
 
 
+class ChainMoved(Exception):
+    """This audit log was copied to another server (``echo-auth audit migrate``).
+
+    Nothing may be appended here any more: the events stay queued in the outbox until a
+    relay that points at the new server delivers them.
+    """
+
+    def __init__(self, moved_to: str, moved_at: datetime | None) -> None:
+        when = f" at {moved_at:%Y-%m-%dT%H:%M:%SZ}" if moved_at is not None else ""
+        super().__init__(
+            f"this audit database was moved to {moved_to}{when}; "
+            "set ECHO_AUDIT_DB_URL to the new server and restart the relays"
+        )
+        self.moved_to = moved_to
+
+
 @dataclass(frozen=True, slots=True)
 class QueuedEvent:
     event_id: str
@@ -66,7 +82,9 @@ def project(event_json: str) -> dict[str, Any]:
 
 
 _LOCK_HEAD = (
-    select(chain_head.c.seq, chain_head.c.hash).where(chain_head.c.id == 1).with_for_update()
+    select(chain_head.c.seq, chain_head.c.hash, chain_head.c.moved_to, chain_head.c.moved_at)
+    .where(chain_head.c.id == 1)
+    .with_for_update()
 )
 _INSERT = insert(audit_events)
 
@@ -83,7 +101,8 @@ def append_to_chain(conn: Connection, events: Sequence[QueuedEvent]) -> list[str
 
     Idempotent on ``event_id``: an event already in the log (a relay that crashed after
     the audit commit but before deleting its outbox rows) is skipped, not appended twice.
-    Raises :class:`MalformedPayload` before writing anything if a payload is not an event.
+    Raises :class:`MalformedPayload` before writing anything if a payload is not an event,
+    and :class:`ChainMoved` if the log was moved to another server.
     """
     if not events:
         return []
@@ -91,7 +110,9 @@ def append_to_chain(conn: Connection, events: Sequence[QueuedEvent]) -> list[str
     for event, columns in projected:
         if columns["event_id"] != event.event_id:
             raise MalformedPayload(f"payload of {event.event_id} names {columns['event_id']}")
-    head_seq, head_hash = conn.execute(_LOCK_HEAD).one()
+    head_seq, head_hash, moved_to, moved_at = conn.execute(_LOCK_HEAD).one()
+    if moved_to is not None:
+        raise ChainMoved(moved_to, moved_at)
     ids = [e.event_id for e in events]
     present = set(
         conn.execute(select(audit_events.c.event_id).where(audit_events.c.event_id.in_(ids)))

@@ -266,11 +266,13 @@ class Checkpointer:
         """
         now = datetime.now(UTC)
         with transaction(self.audit) as conn:
-            head_seq, head_hash = conn.execute(
-                select(chain_head.c.seq, chain_head.c.hash)
+            head_seq, head_hash, moved_to = conn.execute(
+                select(chain_head.c.seq, chain_head.c.hash, chain_head.c.moved_to)
                 .where(chain_head.c.id == 1)
                 .with_for_update()
             ).one()
+            if moved_to is not None:
+                return None  # moved to another server: checkpoints are signed there now
             if not force and not self._due(conn, int(head_seq), now):
                 return None
             checkpoint = sign_checkpoint(self.key, self.origin, int(head_seq), head_hash, now)

@@ -63,10 +63,18 @@ CATALOG: Final[dict[str, str]] = {
     "system.checkpoint.signed": "a checkpoint was signed",
     "system.backup.created": "a backup was made",
     "system.backup.restored": "a backup was restored",
+    "system.backup.verified": "a backup was checked by a full restore into scratch databases",
+    "system.backup.listed": "an operator listed the backup archives",
     "system.audit.migrated": "the audit database was moved",
     "system.grants.applied": "database users and grants were applied",
     "system.jwt_key.rotated": "a new JWT signing key was made; older ones stay published",
     "system.db.upgraded": "database migrations were run",
+    "system.db.admin_access": (
+        "a privileged database account connected or ran a statement (from the server's "
+        "audit log, imported by `audit ingest-db-log`)"
+    ),
+    "system.db.admin_log.ingested": "an operator imported a database server's audit log",
+    "admin.command.refused": "an echo-auth command was refused; reason says why",
     "system.dead_letter.created": "an event could not be delivered and was set aside",
     "system.dead_letter.retried": "a dead letter was put back on the queue",
 }

@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
-from echo_auth.audit.chain import MalformedPayload, QueuedEvent, append_to_chain
+from echo_auth.audit.chain import ChainMoved, MalformedPayload, QueuedEvent, append_to_chain
 from echo_auth.audit.checkpoints import Checkpoint, Checkpointer
 from echo_auth.audit.events import Actor, AuditEvent, Target
 from echo_auth.audit.outbox import enqueue_event
@@ -138,6 +138,10 @@ def _deliver_batch(identity: Engine, audit: Engine, policy: RelayPolicy) -> Batc
                 appended = append_to_chain(aconn, queued)
             done = [q.event_id for q in queued]
             result.delivered = len(appended)
+        except ChainMoved as exc:
+            # The log moved to another server: keep everything queued for the relays
+            # that point there, exactly as when the audit database is down.
+            raise AuditUnavailable(str(exc)) from exc
         except DBAPIError as exc:
             if _mysql_code(exc) in _LOCK_CONFLICTS:
                 raise LockConflict(_short(exc)) from exc
@@ -169,6 +173,8 @@ def _deliver_one_by_one(
             with transaction(audit) as aconn:
                 result.delivered += len(append_to_chain(aconn, [event]))
             done.append(event.event_id)
+        except ChainMoved as exc:
+            raise AuditUnavailable(str(exc)) from exc
         except DBAPIError as exc:
             if _mysql_code(exc) in _LOCK_CONFLICTS:
                 raise LockConflict(_short(exc)) from exc

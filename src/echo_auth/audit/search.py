@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Select, or_, select
+from sqlalchemy import Connection, Select, func, or_, select
 
 from echo_auth.audit.events import OUTCOMES
 from echo_auth.db.audit_schema import audit_events
@@ -181,6 +181,14 @@ def get_event(conn: Connection, event_id: str) -> dict[str, Any] | None:
     return None if row is None else stored_event(row)
 
 
+def get_event_at(conn: Connection, seq: int) -> dict[str, Any] | None:
+    """The event at ``seq`` (its neighbours in the chain are ``seq - 1`` and ``seq + 1``)."""
+    if not 1 <= seq <= MAX_SEQ:
+        return None
+    row = conn.execute(select(*_COLUMNS).where(audit_events.c.seq == seq)).first()
+    return None if row is None else stored_event(row)
+
+
 def iter_events(conn: Connection, f: EventFilter, batch: int = 1000) -> Iterator[dict[str, Any]]:
     """Every matching event, oldest first, in constant memory (for export)."""
     after = 0
@@ -192,3 +200,16 @@ def iter_events(conn: Connection, f: EventFilter, batch: int = 1000) -> Iterator
         if len(rows) < batch:
             return
         after = int(rows[-1].seq)
+
+
+def count_matching(conn: Connection, f: EventFilter, *, through_seq: int | None = None) -> int:
+    """How many events match ``f`` (up to ``through_seq``): for export's count and progress."""
+    stmt = _apply(select(func.count()).select_from(audit_events), f)
+    if through_seq is not None:
+        stmt = stmt.where(audit_events.c.seq <= through_seq)
+    return int(conn.execute(stmt).scalar_one())
+
+
+def head_seq(conn: Connection) -> int:
+    """The highest ``seq`` in the log (0 when empty): an export's fixed upper bound."""
+    return int(conn.execute(select(func.coalesce(func.max(audit_events.c.seq), 0))).scalar_one())

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
 
 import click
 from sqlalchemy.exc import DBAPIError
@@ -11,14 +15,15 @@ from sqlalchemy.exc import DBAPIError
 from echo_auth.audit.checkpoints import public_key_pem
 from echo_auth.audit.dead_letters import list_dead_letters, retry_dead_letters
 from echo_auth.audit.events import Target
+from echo_auth.audit.export import FORMATS, ExportPlan, check_format, export_events, plan_export
 from echo_auth.audit.pipeline import pipeline_status
 from echo_auth.audit.search import EventFilter, parse_time, search_events
 from echo_auth.audit.verify import count_events, verify_audit_log
 from echo_auth.cli.events import record_operator_event
-from echo_auth.cli.main import EXIT_CHECK_FAILED, CliContext, cli, one_line_errors, pass_ctx
+from echo_auth.cli.main import EXIT_CHECK_FAILED, CliContext, cli, fail, one_line_errors, pass_ctx
 from echo_auth.cli.progress import progress_bar
 from echo_auth.db.engines import transaction
-from echo_auth.runtime import operator_actor
+from echo_auth.runtime import Runtime, operator_actor
 
 
 @cli.group()
@@ -158,6 +163,15 @@ def dead_letters(ctx: CliContext, retry: bool) -> None:
         actor, _ = operator_actor()
         with transaction(runtime.identity) as conn:
             moved = retry_dead_letters(conn, actor)
+        if moved == 0:
+            # Each retried letter records system.dead_letter.retried; with none, the
+            # operator still looked at the table.
+            record_operator_event(
+                runtime,
+                "audit.pipeline.viewed",
+                target=Target("dead_letters"),
+                metadata={"retried": 0},
+            )
         click.echo(f"{moved} dead letters put back on the queue")
         return
     with transaction(runtime.identity, write=False) as conn:
@@ -183,7 +197,15 @@ def checkpoint(ctx: CliContext, show_key: bool) -> None:
         click.echo(public_key_pem(runtime.checkpoint_key.public_key()), nl=False)
         return
     made = runtime.checkpointer.maybe_checkpoint(force=True)
-    assert made is not None
+    if made is None:  # only when the log was moved to another server
+        from echo_auth.ops.split import moved_to
+
+        fail(
+            f"this audit database was moved to {moved_to(runtime.audit)}: sign checkpoints "
+            "there (set ECHO_AUDIT_DB_URL to the new server)",
+            reason="audit_database_moved",
+        )
+        return
     record_operator_event(
         runtime, "system.checkpoint.signed", metadata={"seq": made.seq, "key_id": made.key_id}
     )
@@ -191,3 +213,290 @@ def checkpoint(ctx: CliContext, show_key: bool) -> None:
         f"signed checkpoint at seq {made.seq} hash {made.hash} "
         f"-> {runtime.checkpoint_sink.directory / made.file_stem}.json"
     )
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _filter_options(fn: _F) -> _F:
+    """The filters of ``audit search``, for commands that select events the same way."""
+    for option in reversed(
+        [
+            click.option("--actor", help="Actor id or label (email)."),
+            click.option("--action", help="Exact action, or a prefix ending in '*'."),
+            click.option("--target", help="Target id."),
+            click.option("--outcome", help="success, failure or denied."),
+            click.option("--ip", help="Source IP address."),
+            click.option("--since", help="ISO 8601 time, inclusive."),
+            click.option("--until", help="ISO 8601 time, exclusive."),
+            click.option("-q", "--query", "q", help="Free text found anywhere in the event."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+@audit.command("export")
+@click.option(
+    "--format",
+    "fmt",
+    default="jsonl",
+    show_default=True,
+    metavar="|".join(FORMATS),
+    help="jsonl (events with seq and hash), csv (spreadsheet-safe) or ocsf (OCSF 1.5 JSON).",
+)
+@_filter_options
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to FILE (replaced only when complete) instead of stdout.",
+)
+@pass_ctx
+@one_line_errors
+def export(
+    ctx: CliContext,
+    fmt: str,
+    actor: str | None,
+    action: str | None,
+    target: str | None,
+    outcome: str | None,
+    ip: str | None,
+    since: str | None,
+    until: str | None,
+    q: str | None,
+    output: Path | None,
+) -> None:
+    """Export matching events, oldest first, up to the chain head as it is now."""
+    check_format(fmt)
+    f = EventFilter(
+        actor=actor,
+        action=action,
+        target=target,
+        outcome=outcome,
+        ip=ip,
+        since=parse_time("since", since),
+        until=parse_time("until", until),
+        q=q,
+    )
+    runtime = ctx.runtime
+    with transaction(runtime.audit_reader, write=False) as conn:
+        plan = plan_export(conn, f, fmt)
+    to_file = output is not None and str(output) != "-"
+    # Recorded before the first line is written: an export cut short was still taken.
+    record_operator_event(
+        runtime,
+        "audit.exported",
+        metadata={**plan.describe(), "output": str(output) if to_file else "stdout"},
+    )
+    if not to_file:
+        try:
+            _write_export(runtime, plan, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # e.g. piped into head: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)  # incomplete, but not worth a message
+        return
+    assert output is not None
+    partial = output.with_name(output.name + ".part")
+    try:
+        with partial.open("w", encoding="utf-8", newline="") as out:
+            _write_export(runtime, plan, out)
+        partial.replace(output)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        fail(f"cannot write {output}: {exc.strerror or exc}")
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    click.echo(f"exported {plan.count} events ({plan.fmt}) to {output}", err=True)
+
+
+def _write_export(runtime: Runtime, plan: ExportPlan, out: TextIO) -> None:
+    with (
+        transaction(runtime.audit_reader, write=False) as conn,
+        progress_bar("exporting", plan.count) as advance,
+    ):
+        lines = export_events(conn, plan.filter, plan.fmt, through_seq=plan.through_seq)
+        if plan.fmt == "csv":
+            out.write(next(lines))  # the header row is not an event
+        pending: list[str] = []
+        for line in lines:
+            pending.append(line)
+            if len(pending) == 500:
+                out.write("".join(pending))
+                advance(len(pending))
+                pending.clear()
+        out.write("".join(pending))
+        advance(len(pending))
+
+
+# -- moving the audit database; the database server's own audit log ------------------------
+
+
+@audit.command("migrate")
+@click.option(
+    "--to",
+    "to_url",
+    required=True,
+    metavar="URL",
+    help="An EMPTY database on the new server, e.g. mysql://user:pass@host:3306/echo_audit.",
+)
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 5000))
+@pass_ctx
+@one_line_errors
+def migrate_to(ctx: CliContext, to_url: str, batch_size: int) -> None:
+    """Copy the audit database to an empty database on another server, and verify it.
+
+    When the copy checks out, the old audit database is sealed: relays still pointed at
+    it deliver nothing more (events wait in the outbox) until they point at the new one.
+    Runbook: docs/operations.md, "Moving the audit database to its own server".
+    """
+    from echo_auth.db.engines import make_engine
+    from echo_auth.ops.split import SplitFailed, SplitRefused, move_audit_log, redact_url
+
+    runtime, settings = ctx.runtime, ctx.settings
+    target = make_engine(to_url, pool_size=2)
+    try:
+        result = move_audit_log(
+            runtime.audit_reader,
+            runtime.audit,
+            target,
+            public_key=runtime.checkpoint_public_key,
+            sink=runtime.checkpoint_sink,
+            batch_size=batch_size,
+            progress=progress_bar,
+            source_label=redact_url(settings.audit_db_url),
+            target_label=redact_url(to_url),
+        )
+    except SplitRefused as exc:
+        fail(str(exc), reason=exc.code)
+        return
+    except SplitFailed as exc:
+        for problem in exc.report.problems[:20] if exc.report else []:
+            click.echo(problem.describe())
+        fail(
+            f"{exc}; the old audit database stays in service (unsealed): switch nothing",
+            EXIT_CHECK_FAILED,
+            reason=exc.code,
+        )
+        return
+    finally:
+        target.dispose()
+    record_operator_event(
+        runtime,
+        "system.audit.migrated",
+        target=Target("audit_database"),
+        metadata=result.as_metadata(),
+    )
+    new_url = redact_url(to_url)
+    lines = [
+        f"copied {result.events_copied} events and {result.checkpoints_copied} checkpoints "
+        f"to {new_url}",
+        f"the copy verifies: {result.report.summary()}",
+        f"both heads: seq {result.head_seq}, hash {result.head_hash}",
+    ]
+    if result.events_after_start:
+        lines.append(
+            f"{result.events_after_start} events reached the old database during the copy "
+            "(relays were running); they were copied too"
+        )
+    lines += [
+        "the old audit database is sealed: relays still pointed at it deliver nothing; "
+        "events wait in the outbox",
+        "",
+        "Change this one setting wherever Echo runs (web app, relays, CLI):",
+        f"  ECHO_AUDIT_DB_URL={new_url}",
+        "then (re)start the relays (`echo-auth relay`, or `serve` without --no-relay): they "
+        "drain the outbox into the new server.",
+    ]
+    if settings.audit_read_db_url != settings.audit_db_url:
+        lines.append(
+            "ECHO_AUDIT_READ_DB_URL is set and still names the old server: point it at the "
+            "new one too (search, export and verify read through it)."
+        )
+    lines += [
+        "Least-privilege accounts: run `echo-auth db grants --apply` with ECHO_AUDIT_DB_URL "
+        "set to the new server's admin URL, then use the ECHO_AUDIT_DB_URL (relay) and "
+        "ECHO_AUDIT_READ_DB_URL (auditor) lines it prints.",
+        'Runbook: docs/operations.md, "Moving the audit database to its own server".',
+    ]
+    click.echo("\n".join(lines))
+
+
+@audit.command("ingest-db-log")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--accounts",
+    help="Comma-separated database accounts to import (default: root and every *_owner).",
+)
+@click.option(
+    "--tz",
+    "tz_name",
+    help="The database server's time zone, e.g. UTC (default: this machine's).",
+)
+@pass_ctx
+@one_line_errors
+def ingest_db_log(
+    ctx: CliContext, files: tuple[Path, ...], accounts: str | None, tz_name: str | None
+) -> None:
+    """Import MariaDB server_audit lines of privileged accounts as audit events.
+
+    Each CONNECT, QUERY, FAILED_CONNECT (...) line becomes a system.db.admin_access
+    event. Idempotent: lines imported before are skipped, so a cron job may re-read the
+    log and its rotated predecessor (server_audit.log.1 server_audit.log) every time.
+    """
+    from contextlib import ExitStack
+    from datetime import tzinfo
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from echo_auth.ops.db_access_log import ingest
+
+    tz: tzinfo | None = None
+    if tz_name:
+        try:
+            tz = ZoneInfo(tz_name)
+        except (ZoneInfoNotFoundError, ValueError):
+            fail(f"unknown time zone {tz_name!r} (use an IANA name such as UTC)")
+    wanted = None
+    if accounts is not None:
+        wanted = frozenset(a.strip() for a in accounts.split(",") if a.strip())
+        if not wanted:
+            fail("--accounts names no account")
+    # A file that is not there yet (the rotated one, before the first rotation) is
+    # skipped with a warning, so that a cron line can always name both.
+    missing = [path for path in files if not path.is_file()]
+    files = tuple(path for path in files if path.is_file())
+    for path in missing:
+        click.echo(f"echo-auth: warning: {path} is not a file; skipped", err=True)
+    if not files:
+        fail("none of the given log files exists", reason="no_log_file")
+    runtime = ctx.runtime
+    with ExitStack() as stack:
+        sources = [
+            (str(path), stack.enter_context(path.open(encoding="utf-8", errors="replace")))
+            for path in files
+        ]
+        report = ingest(sources, runtime.identity, runtime.audit_reader, accounts=wanted, tz=tz)
+    record_operator_event(
+        runtime,
+        "system.db.admin_log.ingested",
+        metadata={
+            "files": [str(path)[:200] for path in files[:10]],
+            "accounts": sorted(wanted) if wanted else ["root", "*_owner"],
+            **report.as_metadata(),
+        },
+    )
+    click.echo(f"{' '.join(str(p) for p in files)}: {report.summary()}")
+    if report.malformed:
+        click.echo(
+            f"echo-auth: warning: {report.malformed} malformed lines skipped "
+            f"(first at {', '.join(report.malformed_at)})",
+            err=True,
+        )
+    if not report.audit_checked:
+        click.echo(
+            "echo-auth: warning: the audit database was unreachable; lines were checked "
+            "against the outbox only (the relay skips events the log already has)",
+            err=True,
+        )

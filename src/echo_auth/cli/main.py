@@ -14,6 +14,7 @@ import click
 from sqlalchemy.exc import DBAPIError
 
 from echo_auth.audit.checkpoints import CheckpointKeyError
+from echo_auth.audit.events import Outcome
 from echo_auth.audit.search import InvalidQuery
 from echo_auth.config import ConfigurationError, Settings, load_settings
 from echo_auth.identity.errors import DomainError
@@ -46,9 +47,28 @@ class CliContext:
             self._runtime.close()
 
 
-def fail(message: str, code: int = EXIT_USAGE) -> None:
-    click.echo(f"echo-auth: {message}", err=True)
+def fail(
+    message: str,
+    code: int = EXIT_USAGE,
+    *,
+    reason: str = "refused",
+    outcome: Outcome = "failure",
+    recorded: bool = False,
+) -> None:
+    """One line on stderr, then exit. A refused operator command is an audit event too
+    (see cli/events.py): ``reason`` is its short code; ``recorded=True`` when the refusal's
+    event was already written (a domain refusal that keeps its work). Where it cannot be
+    recorded (the identity database is unreachable) the line says so."""
+    from echo_auth.cli.events import record_refusal  # events imports this module
+
+    note = "" if recorded else record_refusal(message, reason, outcome)
+    click.echo(f"echo-auth: {message}{note}", err=True)
     sys.exit(code)
+
+
+# MySQL errors that mean "not allowed": the refusal is recorded as denied.
+_ACCESS_DENIED = {1044, 1045, 1142, 1143, 1227, 1370}
+_DENIED_CODES = {"forbidden", "last_admin"}
 
 
 def one_line_errors(fn: F) -> F:
@@ -58,11 +78,24 @@ def one_line_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ConfigurationError, DomainError, InvalidQuery, CheckpointKeyError) as exc:
-            fail(str(getattr(exc, "message", exc)))
+        except DomainError as exc:
+            outcome: Outcome = "denied" if exc.code in _DENIED_CODES else "failure"
+            fail(exc.message, reason=exc.code, outcome=outcome, recorded=exc.keep_work)
+        except ConfigurationError as exc:
+            fail(str(exc), reason="configuration_error")
+        except InvalidQuery as exc:
+            fail(str(getattr(exc, "message", exc)), reason="invalid_query")
+        except CheckpointKeyError as exc:
+            fail(str(exc), reason="checkpoint_key")
         except DBAPIError as exc:
             reason = str(getattr(exc, "orig", exc)).splitlines()[0][:300]
-            fail(f"database error: {reason}")
+            orig_args: tuple[Any, ...] = getattr(exc.orig, "args", ())
+            denied = bool(orig_args) and orig_args[0] in _ACCESS_DENIED
+            fail(
+                f"database error: {reason}",
+                reason="database_access_denied" if denied else "database_error",
+                outcome="denied" if denied else "failure",
+            )
 
     return wrapper  # type: ignore[return-value]
 
@@ -81,10 +114,32 @@ def cli(ctx: click.Context) -> None:
 
 
 def main() -> None:
-    from echo_auth.cli import audit, db, keys, serve, user  # noqa: F401 - registers the commands
+    from echo_auth.cli import audit, backup, db, demo, keys, serve, user  # noqa: F401 - registers the commands
 
     try:
-        cli.main(standalone_mode=True)
+        # Not standalone: click's own reports of a bad argument take four lines (usage,
+        # hint, blank, error); the contract is one line on stderr.
+        returned = cli.main(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()  # a group named without a command: its help, as click shows it
+        sys.exit(EXIT_USAGE)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "echo-auth"
+        click.echo(f"echo-auth: {_one_line(exc.format_message())} (see '{where} --help')", err=True)
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        click.echo(f"echo-auth: {_one_line(exc.format_message())}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort as exc:
+        interrupted = isinstance(exc.__cause__, KeyboardInterrupt)
+        click.echo(f"echo-auth: {'interrupted' if interrupted else 'aborted'}", err=True)
+        sys.exit(130 if interrupted else EXIT_CHECK_FAILED)
     except KeyboardInterrupt:
         click.echo("echo-auth: interrupted", err=True)
         sys.exit(130)
+    # --help and --version end with an exit code; commands return None or exit themselves.
+    sys.exit(returned if isinstance(returned, int) else EXIT_OK)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())

@@ -10,6 +10,7 @@ from types import FrameType
 
 import click
 
+from echo_auth.audit.chain import ChainMoved
 from echo_auth.audit.relay import AuditUnavailable, drain, run_relay, try_checkpoint
 from echo_auth.cli.main import CliContext, cli, fail, one_line_errors, pass_ctx
 from echo_auth.db import migrate
@@ -50,7 +51,9 @@ def serve(ctx: CliContext, host: str, port: int, workers: int, no_relay: bool) -
         click.echo(
             "\nNo users yet. Create the first admin (roles admin and auditor) with this "
             "one-time token, valid for "
-            f"{settings.bootstrap_token_ttl_s // 3600} hours:\n\n"
+            f"{settings.bootstrap_token_ttl_s // 3600} hours. Open this page in a browser:\n\n"
+            f"  {base}/setup?token={token}\n\n"
+            "or use the API:\n\n"
             f"  curl -X POST {base}/v1/setup -H 'content-type: application/json' \\\n"
             f'       -d \'{{"token": "{token}", "email": "you@example.com", '
             '"password": "choose-a-long-passphrase"}\'\n\n'
@@ -97,6 +100,8 @@ def relay(ctx: CliContext, once: bool) -> None:
         try:
             moved = drain(runtime.relay_identity, runtime.audit, runtime.relay_policy)
         except AuditUnavailable as exc:
+            if isinstance(exc.__cause__, ChainMoved):  # `audit migrate` sealed this one
+                fail(str(exc))
             fail(f"the audit database is unreachable: {exc}")
         checkpoint = try_checkpoint(runtime.checkpointer)
         signed = f"; signed a checkpoint at seq {checkpoint.seq}" if checkpoint else ""

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from echo_auth.cli.events import operator_context
 from echo_auth.cli.main import CliContext, cli, fail, one_line_errors, pass_ctx
 from echo_auth.identity.provisioning import create_user_by_operator
 from echo_auth.identity.users import ROLES
@@ -42,7 +43,9 @@ def create(ctx: CliContext, email: str, roles: tuple[str, ...]) -> None:
     """Create an account; the password comes from a prompt or stdin."""
     password = read_password()
     actor, source = operator_actor()
-    created = create_user_by_operator(ctx.runtime.auth, email, password, list(roles), actor, source)
+    created = create_user_by_operator(
+        ctx.runtime.auth, email, password, list(roles), actor, source, context=operator_context()
+    )
     click.echo(f"created {created.email} ({created.id}) with roles {' '.join(created.roles)}")
 
 
@@ -54,7 +57,7 @@ def disable(ctx: CliContext, email: str) -> None:
     """Disable an account: login refused, every session revoked."""
     admin = ctx.runtime.admin
     actor, source = operator_actor()
-    revoked = admin.disable(actor, source, admin.find_by_email(email))
+    revoked = admin.disable(actor, source, admin.find_by_email(email), context=operator_context())
     click.echo(f"disabled {email}; {revoked} sessions revoked")
 
 
@@ -66,7 +69,7 @@ def enable(ctx: CliContext, email: str) -> None:
     """Enable a disabled account."""
     admin = ctx.runtime.admin
     actor, source = operator_actor()
-    admin.enable(actor, source, admin.find_by_email(email))
+    admin.enable(actor, source, admin.find_by_email(email), context=operator_context())
     click.echo(f"enabled {email}")
 
 
@@ -79,7 +82,9 @@ def roles(ctx: CliContext, email: str, roles: tuple[str, ...]) -> None:
     """Set an account's roles (every account keeps 'user')."""
     admin = ctx.runtime.admin
     actor, source = operator_actor()
-    updated = admin.set_roles(actor, source, admin.find_by_email(email), list(roles))
+    updated = admin.set_roles(
+        actor, source, admin.find_by_email(email), list(roles), context=operator_context()
+    )
     click.echo(f"{email}: {' '.join(updated.roles)}")
 
 
@@ -91,5 +96,5 @@ def unlock(ctx: CliContext, email: str) -> None:
     """Lift a brute-force lock on an account."""
     admin = ctx.runtime.admin
     actor, source = operator_actor()
-    lifted = admin.unlock(actor, source, admin.find_by_email(email))
+    lifted = admin.unlock(actor, source, admin.find_by_email(email), context=operator_context())
     click.echo(f"{email}: {'unlocked' if lifted else 'was not locked'}")

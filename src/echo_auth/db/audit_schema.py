@@ -66,6 +66,8 @@ checkpoints = Table(
 APPEND_ONLY_TABLES = ("audit_events", "checkpoints")
 
 # One row (id = 1): the chain's head. Appends lock it, one lock per batch.
+# ``moved_to``/``moved_at`` are set when the log was copied to another server
+# (``echo-auth audit migrate``): from then on no relay appends here (see audit/chain.py).
 chain_head = Table(
     "chain_head",
     metadata,
@@ -73,4 +75,6 @@ chain_head = Table(
     Column("seq", BigInteger(), nullable=False),
     Column("hash", CHAR(64), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
+    Column("moved_to", String(255), nullable=True),
+    Column("moved_at", UTCDateTime(), nullable=True),
 )

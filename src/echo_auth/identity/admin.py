@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -78,6 +79,7 @@ class AdminService:
         source: Source,
         target: Target | None = None,
         metadata: dict[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
     ) -> None:
         enqueue_event(
             conn,
@@ -87,7 +89,7 @@ class AdminService:
                 actor=actor,
                 target=target,
                 source=source,
-                metadata=metadata or {},
+                metadata={**(metadata or {}), **(context or {})},
             ),
         )
 
@@ -167,8 +169,18 @@ class AdminService:
         ).scalar_one()
         return int(others) == 0
 
-    def disable(self, actor: Actor, source: Source, user_id: str) -> int:
-        """Disable a user: login refused, every session revoked. Returns sessions revoked."""
+    def disable(
+        self,
+        actor: Actor,
+        source: Source,
+        user_id: str,
+        *,
+        context: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Disable a user: login refused, every session revoked. Returns sessions revoked.
+
+        ``context`` (here and below): extra metadata from the caller for the event, such
+        as the CLI's command line."""
         with transaction(self.identity) as conn:
             user = self._get_for_update(conn, user_id)
             if "admin" in user.roles and self._would_remove_last_admin(conn, user.id):
@@ -187,10 +199,18 @@ class AdminService:
                 source,
                 Target("user", user.id),
                 {"sessions_revoked": len(revoked), "already_disabled": user.disabled},
+                context,
             )
         return len(revoked)
 
-    def enable(self, actor: Actor, source: Source, user_id: str) -> None:
+    def enable(
+        self,
+        actor: Actor,
+        source: Source,
+        user_id: str,
+        *,
+        context: Mapping[str, Any] | None = None,
+    ) -> None:
         with transaction(self.identity) as conn:
             user = self._get_for_update(conn, user_id)
             conn.execute(
@@ -205,9 +225,18 @@ class AdminService:
                 source,
                 Target("user", user.id),
                 {"was_disabled": user.disabled},
+                context,
             )
 
-    def set_roles(self, actor: Actor, source: Source, user_id: str, roles: list[str]) -> User:
+    def set_roles(
+        self,
+        actor: Actor,
+        source: Source,
+        user_id: str,
+        roles: list[str],
+        *,
+        context: Mapping[str, Any] | None = None,
+    ) -> User:
         stored = format_roles(roles)
         with transaction(self.identity) as conn:
             user = self._get_for_update(conn, user_id)
@@ -229,6 +258,7 @@ class AdminService:
                 source,
                 Target("user", user.id),
                 {"before": user.roles, "after": stored.split()},
+                context,
             )
             return self._get(conn, user.id)
 
@@ -246,7 +276,14 @@ class AdminService:
             )
         return len(revoked)
 
-    def unlock(self, actor: Actor, source: Source, user_id: str) -> bool:
+    def unlock(
+        self,
+        actor: Actor,
+        source: Source,
+        user_id: str,
+        *,
+        context: Mapping[str, Any] | None = None,
+    ) -> bool:
         """Lift a brute-force lock on the user's address."""
         with transaction(self.identity) as conn:
             user = self._get_for_update(conn, user_id)
@@ -260,7 +297,7 @@ class AdminService:
                     actor=actor,
                     target=Target("user", user.id),
                     source=source,
-                    metadata={"was_locked": lifted},
+                    metadata={"was_locked": lifted, **(context or {})},
                 ),
             )
         return lifted

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Connection
 
@@ -88,8 +90,12 @@ def create_user_by_operator(
     roles: list[str],
     operator: Actor,
     source: Source,
+    *,
+    context: Mapping[str, Any] | None = None,
 ) -> User:
-    """An operator (the CLI) creates an account; its address counts as verified."""
+    """An operator (the CLI) creates an account; its address counts as verified.
+
+    ``context``: extra metadata for the event, such as the CLI's command line."""
     email = normalize_email(raw_email)
     stored_roles = format_roles(roles)
     auth.check_password(password, email)
@@ -108,7 +114,7 @@ def create_user_by_operator(
                 actor=operator,
                 target=Target("user", user.id),
                 source=source,
-                metadata={"via": "cli", "roles": user.roles},
+                metadata={"via": "cli", "roles": user.roles, **(context or {})},
             ),
         )
     return user

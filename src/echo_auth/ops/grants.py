@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.engine.url import URL
+from sqlalchemy.exc import ArgumentError
 
 from echo_auth.config import ConfigurationError
 from echo_auth.db import audit_schema, identity_schema
@@ -170,7 +171,13 @@ def apply_statements(server_url: str, statements: list[str], admin_url: str | No
     import pymysql
 
     target = make_url(server_url)
-    account = make_url(admin_url) if admin_url else target
+    try:
+        account = make_url(admin_url) if admin_url else target
+    except ArgumentError:
+        # Not quoted back: the text may hold a password.
+        raise ConfigurationError(
+            "--admin-url is not a database URL (mysql://user:password@host)"
+        ) from None
     conn = pymysql.connect(
         host=target.host or "127.0.0.1",
         port=target.port or 3306,

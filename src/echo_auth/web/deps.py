@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
 from echo_auth.audit.events import AuditEvent, Source
 from echo_auth.audit.outbox import enqueue_event
@@ -72,7 +73,19 @@ def _presented_token(request: Request) -> tuple[str | None, bool]:
     return (cookie, True) if cookie else (None, False)
 
 
-async def get_current_session(request: Request) -> CurrentSession:
+# Declared for the OpenAPI document only (clients and fuzzers learn how to authenticate);
+# the token itself is read by _presented_token, which also decides the CSRF rule.
+_BEARER = HTTPBearer(auto_error=False, description="A session token from POST /v1/login")
+_COOKIE = APIKeyCookie(
+    name=SESSION_COOKIE, auto_error=False, description="The session cookie set by login"
+)
+
+
+async def get_current_session(
+    request: Request,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+    _cookie: Annotated[str | None, Depends(_COOKIE)],
+) -> CurrentSession:
     # Async, with the lookup in one worker-thread hop: every authenticated request pays
     # for this, so it must not cost two thread switches (a sync dependency would).
     token, from_cookie = _presented_token(request)

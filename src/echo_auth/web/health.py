@@ -12,7 +12,7 @@ from echo_auth.audit.checkpoints import public_key_pem
 from echo_auth.db import migrate
 from echo_auth.identity.errors import NotFound
 from echo_auth.runtime import Runtime
-from echo_auth.web.problems import problem
+from echo_auth.web.problems import problem, problem_responses
 
 router = APIRouter(tags=["health"])
 
@@ -23,7 +23,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None)
+@router.get("/readyz", response_model=None, responses=problem_responses(503))
 def readyz(request: Request) -> dict[str, object] | Response:
     """Both databases reachable and their migrations at head; 503 otherwise."""
     runtime: Runtime = request.app.state.runtime
@@ -46,7 +46,11 @@ def readyz(request: Request) -> dict[str, object] | Response:
     )
 
 
-@router.get("/.well-known/echo-checkpoint-key.pem", response_class=PlainTextResponse)
+@router.get(
+    "/.well-known/echo-checkpoint-key.pem",
+    response_class=PlainTextResponse,
+    responses=problem_responses(404),
+)
 def checkpoint_public_key(request: Request) -> str:
     """The Ed25519 public key that verifies the audit log's signed checkpoints (PEM)."""
     runtime: Runtime = request.app.state.runtime
@@ -56,7 +60,11 @@ def checkpoint_public_key(request: Request) -> str:
     return public_key_pem(key)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}},
+)
 def metrics(request: Request) -> Response:
     registry = request.app.state.metrics_registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -7,6 +7,7 @@ the hot ones included.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 import time
@@ -14,8 +15,11 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from sqlalchemy.exc import DBAPIError
 
 from echo_auth.observability import request_id_var
+
+log = logging.getLogger("echo_auth.web")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -107,6 +111,7 @@ class EchoMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         request_id_var.set(request_id)
         status_holder = [500]
+        answered = [False]  # the whole response went out
 
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body:
@@ -137,8 +142,23 @@ class EchoMiddleware:
                 headers.extend(h for h in SECURITY_HEADERS if h[0] not in present)
                 message["headers"] = headers
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered[0] = True
 
-        await self.app(scope, receive, send_wrapper)
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if not answered[0]:
+                raise
+            # Work that runs after a complete answer (a background task, such as the
+            # verification mail after a sign-up) failed, typically because a database is
+            # down. The client has its answer; letting this reach the server would make it
+            # drop the kept-alive connection under the client's next request.
+            cause = exc.__cause__ or exc  # Starlette wraps a handled exception type
+            if isinstance(cause, DBAPIError):
+                log.warning("work after the answer failed: %s", type(cause).__name__)
+            else:
+                log.error("work after the answer failed", exc_info=cause)
         self._observe(scope, status_holder[0], started)
 
     def _observe(self, scope: Scope, status: int, started: float) -> None:

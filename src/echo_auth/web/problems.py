@@ -8,11 +8,13 @@ traceback, and a database that cannot be reached becomes a 503 that clients may 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -74,6 +76,70 @@ _TITLES = {
 }
 
 
+class FieldProblem(BaseModel):
+    """One refused input: which field, and why."""
+
+    field: str
+    message: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem: the body of every error answer, as ``application/problem+json``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    code: str
+    detail: str
+    request_id: str | None = None
+    errors: list[FieldProblem] | None = None
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error answers a route can give, all :class:`Problem`.
+
+    FastAPI files a response ``model`` under ``application/json``; :func:`install` moves
+    every error answer to ``application/problem+json``, the type actually sent.
+    """
+    return {status: {"model": Problem, "description": _TITLES[status]} for status in statuses}
+
+
+def _document_problems(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the API sends on errors.
+
+    Every 4xx/5xx answer is declared as ``application/problem+json`` with the
+    :class:`Problem` schema, FastAPI's default 422 (``HTTPValidationError``, which this
+    API never sends) included.
+    """
+    build = app.openapi
+    ref = {"$ref": "#/components/schemas/Problem"}
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                for status, response in operation.get("responses", {}).items():
+                    if status[:1] in ("4", "5"):
+                        response["content"] = {PROBLEM_JSON: {"schema": ref}}
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        if "Problem" not in components:
+            components["Problem"] = Problem.model_json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
+            components["Problem"].pop("$defs", None)
+            components["FieldProblem"] = FieldProblem.model_json_schema()
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def problem(
     status: int,
     code: str,
@@ -107,7 +173,35 @@ def status_for(exc: DomainError) -> int:
     return 400
 
 
+def _allowed_methods(request: Request) -> str | None:
+    """Every method the API documents for the path, for a 405's ``Allow`` (RFC 9110, 15.5.6).
+
+    Starlette names only the methods of the first route that matched the path; a path
+    served by several routes (``POST`` and ``DELETE /v1/me/mfa/totp``) needs all of them.
+    A fixed path wins over a template that also matches it (``/v1/me/sessions/revoke-others``
+    is not a session id). None for a path the OpenAPI document does not describe.
+    """
+    app: FastAPI = request.app
+    path = request.url.path
+    fixed: set[str] = set()
+    templated: set[str] = set()
+    for template, operations in app.openapi().get("paths", {}).items():
+        if template == path:
+            fixed.update(m.upper() for m in operations)
+        elif "{" in template and re.fullmatch(_template_pattern(template), path):
+            templated.update(m.upper() for m in operations)
+    allowed = fixed or templated
+    return ", ".join(sorted(allowed)) if allowed else None
+
+
+def _template_pattern(template: str) -> str:
+    parts = re.split(r"(\{[^}/]+\})", template)
+    return "".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts)
+
+
 def install(app: FastAPI) -> None:
+    _document_problems(app)
+
     async def domain_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, DomainError)
         status = status_for(exc)
@@ -166,12 +260,15 @@ def install(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             exc.status_code, "http_error"
         )
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
         return problem(
             exc.status_code,
             code,
             str(exc.detail),
             request_id=_request_id(request),
-            headers=dict(exc.headers or {}),
+            headers=headers,
         )
 
     async def database_error(request: Request, exc: Exception) -> JSONResponse:

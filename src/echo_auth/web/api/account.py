@@ -9,8 +9,9 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from echo_auth.web.deps import CurrentSessionDep, RuntimeDep, SourceDep
+from echo_auth.web.problems import problem_responses
 
-router = APIRouter(prefix="/v1/me", tags=["account"])
+router = APIRouter(prefix="/v1/me", tags=["account"], responses=problem_responses(401, 403))
 
 
 class SessionOut(BaseModel):
@@ -43,7 +44,11 @@ def list_sessions(current: CurrentSessionDep, runtime: RuntimeDep) -> SessionsOu
     return SessionsOut(sessions=[SessionOut(**i.public()) for i in infos])
 
 
-@router.delete("/sessions/{session_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/sessions/{session_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=problem_responses(404),
+)
 def revoke_session(
     session_id: str, current: CurrentSessionDep, runtime: RuntimeDep, source: SourceDep
 ) -> Response:
@@ -56,7 +61,9 @@ def revoke_others(current: CurrentSessionDep, runtime: RuntimeDep, source: Sourc
     return RevokedOut(revoked=runtime.account.revoke_others(current, source))
 
 
-@router.post("/password", status_code=status.HTTP_204_NO_CONTENT)
+@router.post(
+    "/password", status_code=status.HTTP_204_NO_CONTENT, responses=problem_responses(422, 503)
+)
 async def change_password(
     body: PasswordChangeIn, current: CurrentSessionDep, runtime: RuntimeDep, source: SourceDep
 ) -> Response:

@@ -12,8 +12,11 @@ from echo_auth.audit.events import Actor
 from echo_auth.identity.auth import user_actor
 from echo_auth.identity.users import User
 from echo_auth.web.deps import Admin, RuntimeDep, SourceDep
+from echo_auth.web.problems import problem_responses
 
-router = APIRouter(prefix="/v1/admin/users", tags=["admin"])
+router = APIRouter(
+    prefix="/v1/admin/users", tags=["admin"], responses=problem_responses(401, 403, 404, 422)
+)
 
 
 class AdminUserOut(BaseModel):
@@ -73,7 +76,7 @@ def view_user(
     return AdminUserDetail(**_out(user).model_dump(), live_sessions=live)
 
 
-@router.post("/{user_id}/disable", response_model=CountOut)
+@router.post("/{user_id}/disable", response_model=CountOut, responses=problem_responses(409))
 def disable(user_id: str, current: Admin, runtime: RuntimeDep, source: SourceDep) -> CountOut:
     """Disable the user: login refused and every session revoked."""
     return CountOut(revoked=runtime.admin.disable(_actor(current), source, user_id))
@@ -92,7 +95,7 @@ def unlock(user_id: str, current: Admin, runtime: RuntimeDep, source: SourceDep)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.put("/{user_id}/roles", response_model=AdminUserOut)
+@router.put("/{user_id}/roles", response_model=AdminUserOut, responses=problem_responses(409))
 def set_roles(
     user_id: str, body: RolesIn, current: Admin, runtime: RuntimeDep, source: SourceDep
 ) -> AdminUserOut:

@@ -5,13 +5,23 @@ Every read here is itself an audit event, written to the outbox before the answe
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
 
 from echo_auth.audit.events import AuditEvent, Source, Target
+from echo_auth.audit.export import (
+    MEDIA_TYPES,
+    ExportPlan,
+    check_format,
+    chunked,
+    export_events,
+    plan_export,
+)
 from echo_auth.audit.outbox import enqueue_event
 from echo_auth.audit.pipeline import pipeline_status
 from echo_auth.audit.search import EventFilter, InvalidQuery, get_event, parse_time, search_events
@@ -22,8 +32,9 @@ from echo_auth.identity.errors import NotFound
 from echo_auth.identity.sessions import CurrentSession
 from echo_auth.runtime import Runtime
 from echo_auth.web.deps import AuditReader, RuntimeDep, SourceDep
+from echo_auth.web.problems import problem_responses
 
-router = APIRouter(prefix="/v1/audit", tags=["audit"])
+router = APIRouter(prefix="/v1/audit", tags=["audit"], responses=problem_responses(401, 403))
 
 
 class EventPage(BaseModel):
@@ -104,7 +115,7 @@ def list_events(
     return EventPage(events=page.events, next_cursor=page.next_cursor)
 
 
-@router.get("/events/{event_id}")
+@router.get("/events/{event_id}", responses=problem_responses(404, 422))
 def one_event(
     event_id: str, current: AuditReader, runtime: RuntimeDep, source: SourceDep
 ) -> dict[str, Any]:
@@ -155,3 +166,54 @@ def verify(current: AuditReader, runtime: RuntimeDep, source: SourceDep) -> dict
         },
     )
     return report.as_dict()
+
+
+_EXPORT_CONTENT: dict[str, Any] = {media: {} for media in sorted(set(MEDIA_TYPES.values()))}
+
+
+@router.get(
+    "/export",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": _EXPORT_CONTENT, "description": "The events, streamed"},
+        **problem_responses(422),
+    },
+)
+def export(
+    current: AuditReader,
+    runtime: RuntimeDep,
+    source: SourceDep,
+    fmt: Annotated[str, Query(alias="format", max_length=16)] = "jsonl",
+    actor: Annotated[str | None, Query(max_length=320)] = None,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    target: Annotated[str | None, Query(max_length=64)] = None,
+    outcome: Annotated[str | None, Query(max_length=16)] = None,
+    ip: Annotated[str | None, Query(max_length=45)] = None,
+    since: Annotated[str | None, Query(max_length=40)] = None,
+    until: Annotated[str | None, Query(max_length=40)] = None,
+    q: Annotated[str | None, Query(max_length=200)] = None,
+) -> StreamingResponse:
+    """Every matching event, oldest first, as ``jsonl``, ``csv`` or ``ocsf`` (streamed).
+
+    The export ends at the chain head as it was when the request came in. Its
+    ``audit.exported`` event (format, filters, event count, last seq) is committed before
+    the first byte is sent: an export cut short was still handed out. The database is
+    read in batches by Starlette's thread pool (this is a sync generator), never on the
+    event loop.
+    """
+    check_format(fmt)
+    f = filter_from_query(actor, action, target, outcome, ip, since, until, q)
+    with transaction(runtime.audit_reader, write=False) as conn:
+        plan = plan_export(conn, f, fmt)
+    _record(runtime, current, source, "audit.exported", plan.describe())
+    return StreamingResponse(
+        _stream_export(runtime, plan),
+        media_type=MEDIA_TYPES[fmt],
+        headers={"Content-Disposition": f'attachment; filename="{plan.filename()}"'},
+    )
+
+
+def _stream_export(runtime: Runtime, plan: ExportPlan) -> Iterator[str]:
+    with transaction(runtime.audit_reader, write=False) as conn:
+        lines = export_events(conn, plan.filter, plan.fmt, through_seq=plan.through_seq)
+        yield from chunked(lines)

@@ -15,6 +15,7 @@ from echo_auth.identity.devices import DEVICE_COOKIE
 from echo_auth.identity.errors import DomainError
 from echo_auth.identity.provisioning import redeem_bootstrap_token
 from echo_auth.web.deps import SESSION_COOKIE, CurrentSessionDep, RuntimeDep, SourceDep
+from echo_auth.web.problems import problem_responses
 
 router = APIRouter(prefix="/v1", tags=["auth"])
 DEVICE_COOKIE_MAX_AGE = 60 * 60 * 24 * 365
@@ -72,7 +73,12 @@ def _set_session_cookie(
     )
 
 
-@router.post("/signup", status_code=status.HTTP_201_CREATED, response_model=SignupOut)
+@router.post(
+    "/signup",
+    status_code=status.HTTP_201_CREATED,
+    response_model=SignupOut,
+    responses=problem_responses(422, 503),
+)
 async def signup(
     body: Credentials, background: BackgroundTasks, runtime: RuntimeDep, source: SourceDep
 ) -> SignupOut:
@@ -118,7 +124,7 @@ def _logged_in(response: Response, runtime: RuntimeDep, result: LoginResult) -> 
 @router.post(
     "/login",
     response_model=LoginOut | MfaRequiredOut,
-    responses={401: {"description": "invalid_credentials"}, 429: {"description": "rate_limited"}},
+    responses=problem_responses(401, 403, 422, 429, 503),
 )
 async def login(
     body: Credentials,
@@ -138,7 +144,7 @@ async def login(
     return _logged_in(response, runtime, result)
 
 
-@router.post("/login/mfa", response_model=LoginOut)
+@router.post("/login/mfa", response_model=LoginOut, responses=problem_responses(400, 403, 422, 429))
 async def login_mfa(
     body: MfaLoginIn,
     request: Request,
@@ -155,7 +161,9 @@ async def login_mfa(
     return _logged_in(response, runtime, result)
 
 
-@router.post("/logout", status_code=status.HTTP_204_NO_CONTENT)
+@router.post(
+    "/logout", status_code=status.HTTP_204_NO_CONTENT, responses=problem_responses(401, 403)
+)
 def logout(current: CurrentSessionDep, runtime: RuntimeDep, source: SourceDep) -> Response:
     runtime.auth.logout(current, source)
     response = Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -163,12 +171,17 @@ def logout(current: CurrentSessionDep, runtime: RuntimeDep, source: SourceDep) -
     return response
 
 
-@router.get("/me", response_model=UserOut)
+@router.get("/me", response_model=UserOut, responses=problem_responses(401))
 async def me(current: CurrentSessionDep) -> UserOut:
     return UserOut(**current.user.public())
 
 
-@router.post("/setup", status_code=status.HTTP_201_CREATED, response_model=UserOut)
+@router.post(
+    "/setup",
+    status_code=status.HTTP_201_CREATED,
+    response_model=UserOut,
+    responses=problem_responses(400, 409, 422, 503),
+)
 async def setup(body: SetupIn, runtime: RuntimeDep, source: SourceDep) -> UserOut:
     """Create the first admin with the one-time token printed at first start."""
     user = await run_in_threadpool(

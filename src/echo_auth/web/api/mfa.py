@@ -10,8 +10,9 @@ from pydantic import BaseModel, Field, model_validator
 from echo_auth.db.engines import transaction
 from echo_auth.identity import mfa
 from echo_auth.web.deps import CurrentSessionDep, RuntimeDep, SourceDep
+from echo_auth.web.problems import problem_responses
 
-router = APIRouter(prefix="/v1/me/mfa", tags=["mfa"])
+router = APIRouter(prefix="/v1/me/mfa", tags=["mfa"], responses=problem_responses(401, 403, 409))
 
 # Answers carrying a secret or the recovery codes must never be stored by a cache.
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -57,7 +58,9 @@ def begin_totp_enrolment(
     )
 
 
-@router.post("/totp/confirm", response_model=RecoveryCodesOut)
+@router.post(
+    "/totp/confirm", response_model=RecoveryCodesOut, responses=problem_responses(400, 422)
+)
 def confirm_totp_enrolment(
     body: CodeIn,
     current: CurrentSessionDep,
@@ -72,7 +75,11 @@ def confirm_totp_enrolment(
     return RecoveryCodesOut(recovery_codes=codes)
 
 
-@router.delete("/totp", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/totp",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=problem_responses(400, 401, 422, 429, 503),
+)
 def remove_totp(
     body: RemoveIn, current: CurrentSessionDep, runtime: RuntimeDep, source: SourceDep
 ) -> Response:

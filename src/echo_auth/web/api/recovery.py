@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from echo_auth.identity.users import normalize_email
 from echo_auth.web.deps import RuntimeDep, SourceDep
+from echo_auth.web.problems import problem_responses
 
 router = APIRouter(prefix="/v1", tags=["recovery"])
 
@@ -40,7 +41,7 @@ class AcceptedOut(BaseModel):
 @router.post(
     "/email-verification/confirm",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses={400: {"description": "invalid_token"}},
+    responses=problem_responses(400, 422),
 )
 async def confirm_email_verification(
     body: TokenIn, runtime: RuntimeDep, source: SourceDep
@@ -54,6 +55,7 @@ async def confirm_email_verification(
     "/email-verification/resend",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=AcceptedOut,
+    responses=problem_responses(422),
 )
 def resend_email_verification(
     body: EmailIn, background: BackgroundTasks, runtime: RuntimeDep, source: SourceDep
@@ -64,7 +66,12 @@ def resend_email_verification(
     return AcceptedOut()
 
 
-@router.post("/password-reset", status_code=status.HTTP_202_ACCEPTED, response_model=AcceptedOut)
+@router.post(
+    "/password-reset",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=AcceptedOut,
+    responses=problem_responses(422),
+)
 def request_password_reset(
     body: EmailIn, background: BackgroundTasks, runtime: RuntimeDep, source: SourceDep
 ) -> AcceptedOut:
@@ -77,7 +84,7 @@ def request_password_reset(
 @router.post(
     "/password-reset/confirm",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses={400: {"description": "invalid_token"}, 422: {"description": "weak_password"}},
+    responses=problem_responses(400, 403, 422, 503),
 )
 async def confirm_password_reset(
     body: ResetConfirmIn, runtime: RuntimeDep, source: SourceDep

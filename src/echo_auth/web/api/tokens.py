@@ -13,6 +13,7 @@ from echo_auth.audit.outbox import enqueue_event
 from echo_auth.db.engines import transaction
 from echo_auth.identity.auth import user_actor
 from echo_auth.web.deps import CurrentSessionDep, RuntimeDep, SourceDep
+from echo_auth.web.problems import problem_responses
 
 router = APIRouter(tags=["tokens"])
 
@@ -36,7 +37,7 @@ class JwksOut(BaseModel):
     keys: list[JwkOut]
 
 
-@router.post("/v1/token", response_model=TokenOut)
+@router.post("/v1/token", response_model=TokenOut, responses=problem_responses(401, 403))
 def issue_access_token(
     current: CurrentSessionDep, runtime: RuntimeDep, source: SourceDep, response: Response
 ) -> TokenOut:
