@@ -26,7 +26,6 @@ from echo_auth.audit.checkpoints import (
 from echo_auth.audit.events import Actor, Source
 from echo_auth.audit.relay import RelayPolicy
 from echo_auth.config import Settings
-from echo_auth.db import migrate
 from echo_auth.db.engines import make_engine, normalize_url
 from echo_auth.identity.access_tokens import AccessTokens
 from echo_auth.identity.account import AccountService
@@ -225,6 +224,8 @@ class Runtime:
         )
 
     def upgrade_databases(self) -> None:
+        from echo_auth.db import migrate  # alembic is heavy; only migrations need it
+
         migrate.upgrade(self.identity, "identity")
         migrate.upgrade(self.audit, "audit")
 

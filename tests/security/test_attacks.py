@@ -13,6 +13,7 @@ after a whole realistic run.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import html
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import jwt
@@ -67,6 +68,7 @@ from tests.security._support import (
 )
 
 HTML = {"accept": "text/html"}
+T = TypeVar("T")
 NEW_PASSWORD = "a brand new and long passphrase"
 _CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]+)"')
 
@@ -379,10 +381,10 @@ def test_tokens_are_stored_only_as_hashes(client: TestClient, runtime: Runtime) 
 # -- races -----------------------------------------------------------------------------------
 
 
-def _race(n: int, attempt: Callable[[int], int]) -> list[int]:
+def _race(n: int, attempt: Callable[[int], T]) -> list[T]:
     start = threading.Barrier(n)
 
-    def run(i: int) -> int:
+    def run(i: int) -> T:
         start.wait()
         return attempt(i)
 
@@ -497,30 +499,32 @@ def test_known_and_unknown_addresses_get_the_same_answers(
     }
 
 
-@pytest.fixture
-def real_argon2_runtime(tmp_path: Path) -> Iterator[Runtime]:
-    """The production argon2 parameters, and a throttle that never gets in the way.
+@contextlib.contextmanager
+def real_argon2(base: Path, **overrides: object) -> Iterator[tuple[Runtime, TestClient]]:
+    """The production argon2 parameters, a throttle that never gets in the way, an app.
 
-    Timing is a property of the password path (argon2 dominates), not of the database,
-    so this one runs on SQLite only.
+    What is measured here is the password path (argon2 dominates), not the database,
+    so these run on SQLite only.
     """
     defaults = Settings.model_fields
-    dbs = Databases(
-        "sqlite", f"sqlite:///{tmp_path / 'identity.db'}", f"sqlite:///{tmp_path / 'audit.db'}"
-    )
-    settings = make_settings(
-        tmp_path / "var",
-        dbs,
-        argon2_time_cost=defaults["argon2_time_cost"].default,
-        argon2_memory_kib=defaults["argon2_memory_kib"].default,
-        argon2_parallelism=defaults["argon2_parallelism"].default,
-        login_max_failures=1000,
-        ip_max_failures=100_000,
-    )
-    runtime = Runtime(settings, pool_size=4)
+    dbs = Databases("sqlite", f"sqlite:///{base / 'identity.db'}", f"sqlite:///{base / 'audit.db'}")
+    values: dict[str, object] = {
+        "argon2_time_cost": defaults["argon2_time_cost"].default,
+        "argon2_memory_kib": defaults["argon2_memory_kib"].default,
+        "argon2_parallelism": defaults["argon2_parallelism"].default,
+        "login_max_failures": 1000,
+        "ip_max_failures": 100_000,
+        **overrides,
+    }
+    settings = make_settings(base / "var", dbs, **values)
+    assert (settings.argon2_time_cost, settings.argon2_memory_kib) == (3, 65536)
+    runtime = Runtime(settings, pool_size=8)
     runtime.upgrade_databases()
     try:
-        yield runtime
+        with TestClient(create_app(settings, runtime=runtime), base_url=BASE_URL) as client:
+            r = client.post("/v1/signup", json={"email": "ana@example.com", "password": PASSWORD})
+            assert r.status_code == 201, r.text
+            yield runtime, client
     finally:
         runtime.close()
 
@@ -529,15 +533,8 @@ TRIES = int(os.environ.get("ECHO_TIMING_TRIES", "200"))  # fewer only for a quic
 
 
 @pytest.mark.slow
-def test_login_timing_does_not_tell_unknown_addresses_apart(
-    real_argon2_runtime: Runtime,
-) -> None:
-    runtime = real_argon2_runtime
-    assert runtime.settings.argon2_memory_kib == 65536 and runtime.settings.argon2_time_cost == 3
-    app = create_app(runtime.settings, runtime=runtime)
-    with TestClient(app, base_url=BASE_URL) as client:
-        r = client.post("/v1/signup", json={"email": "ana@example.com", "password": PASSWORD})
-        assert r.status_code == 201
+def test_login_timing_does_not_tell_unknown_addresses_apart(tmp_path: Path) -> None:
+    with real_argon2(tmp_path) as (_, client):
 
         def timed(body: dict[str, str]) -> float:
             started = time.perf_counter()
@@ -562,6 +559,81 @@ def test_login_timing_does_not_tell_unknown_addresses_apart(
     m_wrong, m_unknown = statistics.median(wrong), statistics.median(unknown)
     assert m_wrong > 0.01, "argon2 at its real cost takes tens of milliseconds"
     assert abs(m_unknown - m_wrong) / m_wrong <= 0.10, (m_wrong, m_unknown)
+
+
+def test_password_hashing_never_blocks_the_event_loop(tmp_path: Path) -> None:
+    """While real argon2 runs for several logins at once, other requests are answered."""
+    with real_argon2(tmp_path) as (_, client):
+        started = time.perf_counter()
+        client.post("/v1/login", json={"email": "ana@example.com", "password": "warm up"})
+        one_login = time.perf_counter() - started
+        ends: list[float] = []
+
+        def guess(i: int) -> None:
+            body = {"email": "ana@example.com", "password": f"wrong guess {i}"}
+            assert client.post("/v1/login", json=body).status_code == 401
+            ends.append(time.perf_counter())
+
+        latencies: list[float] = []
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            futures = [pool.submit(guess, i) for i in range(6)]
+            time.sleep(one_login / 4)  # the hashing is under way
+            for _ in range(8):
+                t0 = time.perf_counter()
+                assert client.get("/healthz").status_code == 200
+                latencies.append(time.perf_counter() - t0)
+            probes_done = time.perf_counter()
+            for future in futures:
+                future.result()
+    # Six hashes on two workers take three rounds; the probes finished well before them.
+    assert max(ends) > probes_done
+    assert statistics.median(latencies) < one_login / 2, (latencies, one_login)
+
+
+def test_a_flood_of_password_checks_is_refused_not_queued(tmp_path: Path) -> None:
+    """Past the bounded queue, a check is refused at once with 503 and Retry-After."""
+    with real_argon2(tmp_path, hash_workers=1, hash_queue_limit=1) as (_, client):
+        answers = _race(
+            6,
+            lambda i: client.post(
+                "/v1/login", json={"email": "ana@example.com", "password": f"guess {i}"}
+            ),
+        )
+    statuses = sorted(r.status_code for r in answers)
+    assert 401 in statuses and 503 in statuses, statuses
+    for r in answers:
+        if r.status_code == 503:
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert r.json()["code"] == "overloaded" and r.headers["retry-after"] == "1"
+
+
+def test_secrets_are_compared_in_constant_time(
+    client: TestClient, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CSRF tokens and TOTP codes go through hmac.compare_digest; tokens are looked up by
+    their SHA-256 (see test_tokens_are_stored_only_as_hashes), passwords by argon2."""
+    compared: list[int] = []
+    real = hmac.compare_digest
+
+    def counting(a: Any, b: Any) -> bool:
+        compared.append(1)
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    make_user(runtime, "ana@example.com")
+    data = {"csrf_token": _page_token(client), "email": "ana@example.com", "password": PASSWORD}
+    assert client.post("/login", data=data, follow_redirects=False).status_code == 303
+    assert len(compared) >= 1
+    before = len(compared)
+    enrol = client.post("/v1/me/mfa/totp", headers={"Origin": BASE_URL}).json()
+    r = client.post(
+        "/v1/me/mfa/totp/confirm",
+        json={"code": pyotp.TOTP(enrol["secret"]).now()},
+        headers={"Origin": BASE_URL},
+    )
+    assert r.status_code == 200, r.text
+    assert len(compared) - before >= 3  # every step of the window, matched or not
+    client.cookies.clear()
 
 
 # -- CSRF ------------------------------------------------------------------------------------

@@ -194,7 +194,11 @@ def checkpoint(ctx: CliContext, show_key: bool) -> None:
     """Sign a checkpoint of the chain head now (database and checkpoint directory)."""
     runtime = ctx.runtime
     if show_key:
-        click.echo(public_key_pem(runtime.checkpoint_key.public_key()), nl=False)
+        key = runtime.checkpoint_public_key
+        if key is None:
+            fail("no checkpoint key yet: nothing has been signed by this installation")
+        assert key is not None
+        click.echo(public_key_pem(key), nl=False)
         return
     made = runtime.checkpointer.maybe_checkpoint(force=True)
     if made is None:  # only when the log was moved to another server

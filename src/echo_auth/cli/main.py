@@ -5,6 +5,7 @@ Settings are loaded lazily, when a command first needs them, so ``--help`` works
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -103,7 +104,31 @@ def one_line_errors(fn: F) -> F:
 pass_ctx = click.make_pass_decorator(CliContext)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Command groups and the module that defines each. Modules are imported when their command
+# runs, so `echo-auth relay` does not pay for importing the web app, alembic or backups.
+_COMMAND_MODULES = {
+    "audit": "echo_auth.cli.audit",
+    "backup": "echo_auth.cli.backup",
+    "db": "echo_auth.cli.db",
+    "demo": "echo_auth.cli.demo",
+    "keys": "echo_auth.cli.keys",
+    "relay": "echo_auth.cli.serve",
+    "serve": "echo_auth.cli.serve",
+    "user": "echo_auth.cli.user",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(_COMMAND_MODULES))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in _COMMAND_MODULES:
+            importlib.import_module(_COMMAND_MODULES[cmd_name])  # registers it on `cli`
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="echo-auth")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
@@ -114,8 +139,6 @@ def cli(ctx: click.Context) -> None:
 
 
 def main() -> None:
-    from echo_auth.cli import audit, backup, db, demo, keys, serve, user  # noqa: F401 - registers the commands
-
     try:
         # Not standalone: click's own reports of a bad argument take four lines (usage,
         # hint, blank, error); the contract is one line on stderr.
