@@ -55,30 +55,53 @@ def link_hash(prev_hash: str, event_json: str) -> str:
     return hashlib.sha256((prev_hash + event_json).encode("utf-8")).hexdigest()
 
 
-def project(event_json: str) -> dict[str, Any]:
-    """The searchable columns that a stored event's JSON implies."""
+# The searchable columns of audit_events, in the order project_values() returns them.
+PROJECTED_COLUMNS = (
+    "event_id",
+    "occurred_at",
+    "actor_type",
+    "actor_id",
+    "actor_label",
+    "action",
+    "target_type",
+    "target_id",
+    "outcome",
+    "reason",
+    "ip",
+    "user_agent",
+    "request_id",
+)
+
+
+def project_values(event_json: str) -> tuple[Any, ...]:
+    """The searchable column values a stored event's JSON implies (PROJECTED_COLUMNS order)."""
     try:
         doc = json.loads(event_json)
         actor = doc["actor"]
         target = doc.get("target") or {}
         source = doc.get("source") or {}
-        return {
-            "event_id": doc["event_id"],
-            "occurred_at": parse_timestamp(doc["occurred_at"]),
-            "actor_type": actor["type"],
-            "actor_id": actor.get("id"),
-            "actor_label": actor.get("label"),
-            "action": doc["action"],
-            "target_type": target.get("type"),
-            "target_id": target.get("id"),
-            "outcome": doc["outcome"],
-            "reason": doc.get("reason"),
-            "ip": source.get("ip"),
-            "user_agent": source.get("user_agent"),
-            "request_id": doc.get("request_id"),
-        }
+        return (
+            doc["event_id"],
+            parse_timestamp(doc["occurred_at"]),
+            actor["type"],
+            actor.get("id"),
+            actor.get("label"),
+            doc["action"],
+            target.get("type"),
+            target.get("id"),
+            doc["outcome"],
+            doc.get("reason"),
+            source.get("ip"),
+            source.get("user_agent"),
+            doc.get("request_id"),
+        )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise MalformedPayload(f"not an event document: {exc!r}") from None
+
+
+def project(event_json: str) -> dict[str, Any]:
+    """The searchable columns that a stored event's JSON implies, by name."""
+    return dict(zip(PROJECTED_COLUMNS, project_values(event_json), strict=True))
 
 
 _LOCK_HEAD = (

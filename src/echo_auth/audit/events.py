@@ -122,7 +122,11 @@ def format_timestamp(moment: datetime) -> str:
 
 
 def parse_timestamp(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    """Parse the canonical form ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (and only that form)."""
+    if len(text) != 27 or text[-1] != "Z" or text[10] != "T" or text[19] != ".":
+        raise ValueError(f"not a canonical timestamp: {text!r}")
+    # fromisoformat is C code, many times faster than strptime; verify parses every row.
+    return datetime.fromisoformat(text[:-1]).replace(tzinfo=UTC)
 
 
 def canonical_json(document: dict[str, Any]) -> str:

@@ -31,7 +31,13 @@ from typing import Any, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, func, select
 
-from echo_auth.audit.chain import MalformedPayload, link_hash, project, read_head
+from echo_auth.audit.chain import (
+    PROJECTED_COLUMNS,
+    MalformedPayload,
+    link_hash,
+    project_values,
+    read_head,
+)
 from echo_auth.audit.checkpoints import (
     BadCheckpoint,
     Checkpoint,
@@ -146,21 +152,7 @@ class VerifyReport:
         }
 
 
-_PROJECTED = (
-    "event_id",
-    "occurred_at",
-    "actor_type",
-    "actor_id",
-    "actor_label",
-    "action",
-    "target_type",
-    "target_id",
-    "outcome",
-    "reason",
-    "ip",
-    "user_agent",
-    "request_id",
-)
+_PROJECTED = PROJECTED_COLUMNS
 
 
 def count_events(conn: Connection) -> int:
@@ -439,11 +431,12 @@ def verify_chain(
 
 
 def _columns_agree(row: Any) -> bool:
+    """The searchable columns (row[4:], in PROJECTED_COLUMNS order) equal what the JSON says."""
     try:
-        implied = project(row.event_json)
+        implied = project_values(row.event_json)
     except MalformedPayload:
         return False
-    return all(getattr(row, name) == implied[name] for name in _PROJECTED)
+    return tuple(row[4:]) == implied
 
 
 def verify_audit_log(
