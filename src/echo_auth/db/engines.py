@@ -70,6 +70,8 @@ def make_engine(
     url = normalize_url(raw_url)
     if autocommit_reads:
         kwargs["pool_reset_on_return"] = None
+        if url.get_backend_name() != "sqlite":
+            kwargs["skip_autocommit_rollback"] = True
     if url.get_backend_name() == "sqlite":
         assert url.database is not None
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)

@@ -102,9 +102,10 @@ recovery_codes = Table(
     Index(None, "user_id"),
 )
 
-# Brute-force counters, one row per key ("account:<id>", "ip:<addr>", "device:<id>", ...).
-# Attempts are reserved with one conditional UPDATE, so parallel guesses cannot exceed
-# the limit.
+# Brute-force counters, one row per key ("email:<hash>", "ip:<addr>", "device:<id>",
+# "mfa:<user id>"). Attempts are reserved with one conditional UPDATE, so parallel guesses
+# cannot exceed the limit. ``in_flight`` is unused (an earlier design); kept to avoid a
+# migration that only drops it.
 login_throttles = Table(
     "login_throttles",
     metadata,
