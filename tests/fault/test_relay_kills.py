@@ -7,17 +7,17 @@ more kills, and the events now arrive while the relays die.)
 A producer thread enqueues events in transactions of random size (1 to 100 events) the
 whole time. Real ``python -m echo_auth relay`` subprocesses with small batches deliver
 them; each is killed with SIGKILL at a random moment once it works (after a random number
-of batches has been delivered since it came up, plus a random fraction of a batch), and a
+of batches has been appended since it came up, plus a random fraction of a batch), and a
 fresh process takes over. Two more relays are always starting up behind the victim, so
 their start-up (a second or more of imports each) overlaps the victim's work instead of
 adding to the test's time; when a kill lands, often two or three relays are delivering at
-once, as in production with several relays. The
-producer is paced by the kills (each kill releases the next twentieth of the events), so
-events keep arriving through every kill, never all queued up front.
+once, as in production with several relays. The producer is paced by the kills (each
+kill releases the next 1/21 of the events), so events keep arriving through every kill,
+never all queued up front.
 
-Then the relays still running drain the rest and stop on SIGTERM with exit 0. Every event must be in
-the chain exactly once, ``seq`` 1..20,000 without a gap, the chain and the database
-checkpoints verifying, no dead letter.
+Then the relays still running drain the rest and stop on SIGTERM with exit 0. Every
+event must be in the chain exactly once, ``seq`` 1..20,000 without a gap, the chain and
+the database checkpoints verifying, no dead letter.
 """
 
 from __future__ import annotations

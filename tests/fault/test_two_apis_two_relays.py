@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from echo_auth.audit.events import Actor, Source
 from echo_auth.db.identity_schema import audit_dead_letters
 from echo_auth.identity.provisioning import create_user_by_operator
