@@ -37,8 +37,8 @@ from echo_auth.runtime import Runtime, operator_actor
 from tests.fixtures.app import PASSWORD, deliver
 from tests.fixtures.db import Databases, make_settings
 
-# About two minutes on the CI machine (2 cores) for the whole run, all four phases.
-MAX_EXAMPLES = int(os.environ.get("ECHO_FUZZ_EXAMPLES", "25"))
+# About a minute of CPU for the four phases (one core of the CI machine); more finds more.
+MAX_EXAMPLES = int(os.environ.get("ECHO_FUZZ_EXAMPLES", "30"))
 SEED = int(os.environ.get("ECHO_FUZZ_SEED", "20260808"))
 CHECKS = (
     "not_a_server_error",
@@ -86,6 +86,7 @@ class Outcome:
     errors: list[str] = field(default_factory=list)
     statuses: defaultdict[str, Counter[int]] = field(default_factory=lambda: defaultdict(Counter))
     phases: dict[str, str] = field(default_factory=dict)
+    transitions: int = 0  # links between operations the stateful phase could follow
     stop_reason: str = ""
 
 
@@ -155,6 +156,8 @@ def _run(world: World) -> Outcome:
             _record(outcome, event)
         elif isinstance(event, events.NonFatalError | events.FatalError):
             outcome.errors.append(repr(event)[:2000])
+        elif isinstance(event, events.PhaseStarted) and event.payload is not None:
+            outcome.transitions = event.payload.transitions_total
         elif isinstance(event, events.PhaseFinished):
             outcome.phases[event.phase.name.value] = event.status.value
         elif isinstance(event, events.EngineFinished):
@@ -195,6 +198,7 @@ def test_every_operation_holds_to_its_schema(world: World) -> None:
     assert {"examples", "coverage", "fuzzing", "stateful"} <= {
         name for name, status in outcome.phases.items() if status in ("success", "failure")
     }, outcome.phases
+    assert outcome.transitions > 0, "the stateful phase found no link to follow"
 
     # Every documented operation was called, and none ever answered 5xx.
     documented = {

@@ -23,7 +23,7 @@ DEVICE_COOKIE_MAX_AGE = 60 * 60 * 24 * 365
 
 class Credentials(BaseModel):
     email: str = Field(min_length=1, max_length=320, examples=["ana@example.com"])
-    password: str = Field(min_length=1, max_length=4096)
+    password: str = Field(min_length=1, max_length=4096, examples=["correct horse battery staple"])
 
 
 class SignupOut(BaseModel):
