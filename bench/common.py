@@ -100,9 +100,10 @@ class MySQLServer:
             row = cur.fetchone()
         return str(row[0]) if row else "unknown"
 
-    def execute(self, sql: str) -> None:
+    def execute(self, *statements: str) -> None:
         with self.connect() as conn, conn.cursor() as cur:
-            cur.execute(sql)
+            for sql in statements:
+                cur.execute(sql)
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,18 @@ def throwaway_databases(backend: str) -> Iterator[Databases]:
                 created.append(name)
             yield Databases("mariadb", server.url(names[0]), server.url(names[1]), workdir, *names)
         finally:
+            problems: list[str] = []
             for name in created:
-                server.execute(f"DROP DATABASE IF EXISTS `{name}`")
+                try:
+                    # Bounded: a connection left inside a transaction on the database would
+                    # otherwise make DROP wait for its metadata lock for a year.
+                    server.execute(
+                        "SET SESSION lock_wait_timeout = 120", f"DROP DATABASE IF EXISTS `{name}`"
+                    )
+                except pymysql.MySQLError as exc:
+                    problems.append(f"{name}: {exc}")
+            if problems:
+                raise BenchError("could not drop throwaway databases: " + "; ".join(problems))
 
 
 def settings_for(dbs: Databases, **overrides: Any) -> Settings:
@@ -262,8 +273,33 @@ def machine_info() -> dict[str, Any]:
             "sqlite": sqlite3.sqlite_version,
             "loadavg_at_start": loadavg(),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "echo_revision": _git_revision(),
         }
     return _MACHINE
+
+
+def _git_revision() -> str:
+    """The commit the measured code comes from, and whether src/ differs from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_DIR,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"],
+            cwd=REPO_DIR,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not head:
+        return "unknown"
+    return head + (" + uncommitted changes in src/" if dirty else "")
 
 
 def loadavg() -> list[float]:
@@ -288,7 +324,8 @@ def machine_line() -> str:
     m = machine_info()
     return (
         f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}; "
-        f"MariaDB {m['mariadb']}; SQLite {m['sqlite']}; {m['date']}"
+        f"MariaDB {m['mariadb']}; SQLite {m['sqlite']}; {m['date']}; "
+        f"Echo {m['echo_revision']}"
     )
 
 

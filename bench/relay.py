@@ -31,6 +31,7 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import DBAPIError
 
 from bench.common import (
+    BACKENDS,
     BenchError,
     Databases,
     MySQLServer,
@@ -335,16 +336,41 @@ def _insert_sql(marker: str, rows: int) -> str:
     return f"INSERT INTO raw_events ({','.join(COLUMNS)}) VALUES " + ",".join([one] * rows)
 
 
-def _raw_once(backend: str, chunks: list[list[Any]], n: int) -> dict[str, Any]:
-    width = len(COLUMNS)
-    with throwaway_databases(backend) as dbs:
+class RawTarget:
+    """One migrated throwaway database per backend; a fresh scratch table per repetition.
+
+    MariaDB: ``DROP TABLE`` + ``CREATE TABLE raw_events LIKE audit_events`` (a new
+    tablespace each time). SQLite: a new file holding ``audit_events``' DDL, renamed.
+    """
+
+    def __init__(self, dbs: Databases) -> None:
+        self.dbs = dbs
+        self.runs = 0
         runtime = Runtime(settings_for(dbs), pool_size=1)
         try:
             runtime.upgrade_databases()  # the real audit_events, to copy the schema from
         finally:
             runtime.close()
-        if backend == "mariadb":
-            with MySQLServer.from_url().connect(dbs.audit_db) as conn, conn.cursor() as cur:
+        self.sqlite_ddl: list[str] = []
+        if dbs.backend == "sqlite":
+            conn = sqlite3.connect(dbs.audit_db)
+            try:
+                self.sqlite_ddl = [
+                    sql.replace("audit_events", "raw_events")
+                    for (sql,) in conn.execute(
+                        "SELECT sql FROM sqlite_master WHERE tbl_name = 'audit_events' "
+                        "AND type IN ('table', 'index') AND sql IS NOT NULL ORDER BY type DESC"
+                    )
+                ]
+            finally:
+                conn.close()
+
+    def insert(self, chunks: list[list[Any]], n: int) -> dict[str, Any]:
+        self.runs += 1
+        width = len(COLUMNS)
+        if self.dbs.backend == "mariadb":
+            with MySQLServer.from_url().connect(self.dbs.audit_db) as conn, conn.cursor() as cur:
+                cur.execute("DROP TABLE IF EXISTS raw_events")
                 cur.execute("CREATE TABLE raw_events LIKE audit_events")
                 sql = {len(c) // width: _insert_sql("%s", len(c) // width) for c in chunks}
                 escape_s = 0.0
@@ -358,20 +384,18 @@ def _raw_once(backend: str, chunks: list[list[Any]], n: int) -> dict[str, Any]:
                 seconds = time.perf_counter() - started
                 cur.execute("SELECT COUNT(*) FROM raw_events")
                 count = cur.fetchone()[0]  # type: ignore[index]
+                cur.execute("DROP TABLE raw_events")
         else:
             escape_s = 0.0  # sqlite3 binds parameters in C
-            conn = sqlite3.connect(dbs.audit_db, isolation_level=None)
+            path = self.dbs.workdir / f"raw-{self.runs}.db"
+            conn = sqlite3.connect(path, isolation_level=None)
             try:
                 # The same pragmas as Echo's engines (echo_auth.db.engines).
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA busy_timeout=10000")
                 conn.execute("PRAGMA synchronous=NORMAL")
-                ddl = conn.execute(
-                    "SELECT sql FROM sqlite_master WHERE tbl_name = 'audit_events' "
-                    "AND type IN ('table', 'index') AND sql IS NOT NULL ORDER BY type DESC"
-                ).fetchall()
-                for (statement,) in ddl:
-                    conn.execute(statement.replace("audit_events", "raw_events"))
+                for statement in self.sqlite_ddl:
+                    conn.execute(statement)
                 sql = {len(c) // width: _insert_sql("?", len(c) // width) for c in chunks}
                 started = time.perf_counter()
                 for flat in chunks:
@@ -382,14 +406,16 @@ def _raw_once(backend: str, chunks: list[list[Any]], n: int) -> dict[str, Any]:
                 count = conn.execute("SELECT COUNT(*) FROM raw_events").fetchone()[0]
             finally:
                 conn.close()
-    if count != n:
-        raise BenchError(f"raw insert on {backend} stored {count} rows, expected {n}")
-    return {
-        "seconds": seconds,
-        "events_per_s": n / seconds,
-        "driver_escaping_s": escape_s,
-        "escaping_share": escape_s / seconds,
-    }
+            for leftover in path.parent.glob(path.name + "*"):
+                leftover.unlink()
+        if count != n:
+            raise BenchError(f"raw insert on {self.dbs.backend} stored {count} rows, expected {n}")
+        return {
+            "seconds": seconds,
+            "events_per_s": n / seconds,
+            "driver_escaping_s": escape_s,
+            "escaping_share": escape_s / seconds,
+        }
 
 
 # -- the benchmark ----------------------------------------------------------------------------
@@ -412,6 +438,7 @@ def run(opts: Options) -> list[Row]:
     runs: dict[Case, list[dict[str, Any]]] = {c: [] for c in cases}
     raw_runs: dict[tuple[str, int], list[dict[str, Any]]] = {r: [] for r in raws}
     state: dict[str, Any] = {"pending": None, "owner": None}
+    stack = ExitStack()
 
     def settle() -> None:
         pending: PendingCheck | None = state["pending"]
@@ -437,10 +464,11 @@ def run(opts: Options) -> list[Row]:
     # hurts all cases alike rather than every repetition of one case. The large cases run
     # last, back to back, so that each one's check overlaps the next one's queueing.
     try:
+        targets = {b: RawTarget(stack.enter_context(throwaway_databases(b))) for b in BACKENDS}
         for rep in range(opts.reps):
             settle()  # nothing runs in the background during a timed raw insert
             for backend, n in raws:
-                raw = _raw_once(backend, chunks[n], n)
+                raw = targets[backend].insert(chunks[n], n)
                 raw_runs[(backend, n)].append(raw)
                 log(
                     f"relay: rep {rep + 1}/{opts.reps} raw {backend} N={n:,}: "
@@ -455,6 +483,7 @@ def run(opts: Options) -> list[Row]:
     finally:
         if state["pending"] is not None:
             state["pending"].abort()
+        stack.close()
 
     rows: list[Row] = []
     doc_cases = []

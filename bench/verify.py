@@ -180,7 +180,14 @@ def run(opts: Options) -> list[Row]:
                 "calibration": calibration.get(backend),
             }
         )
-        short = "" if n >= TARGET_N else f" (not {TARGET_N:,}: budget)"
+        if n >= TARGET_N:
+            short = ""
+        elif opts.quick:
+            short = " (--quick)"
+        elif opts.verify_n is not None:
+            short = " (N from --verify-n)"
+        else:
+            short = f" (not {TARGET_N:,}: time budget)"
         rows += [
             Row(
                 NAME,

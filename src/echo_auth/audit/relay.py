@@ -78,7 +78,9 @@ def _claim(conn: Connection, limit: int) -> list[tuple[int, str, str, int]]:
             audit_outbox.c.attempts,
         )
         .where(audit_outbox.c.available_at <= datetime.now(UTC))
-        .order_by(audit_outbox.c.id)
+        # The index (available_at, id) serves both the filter and the order: MariaDB then
+        # locks only the rows it returns, so concurrent relays share even a short queue.
+        .order_by(audit_outbox.c.available_at, audit_outbox.c.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
