@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
@@ -86,11 +86,7 @@ def filter_from_query(
     )
 
 
-@router.get("/events", response_model=EventPage)
-def list_events(
-    current: AuditReader,
-    runtime: RuntimeDep,
-    source: SourceDep,
+def event_filter(
     actor: Annotated[str | None, Query(max_length=320)] = None,
     action: Annotated[str | None, Query(max_length=64)] = None,
     target: Annotated[str | None, Query(max_length=64)] = None,
@@ -99,10 +95,23 @@ def list_events(
     since: Annotated[str | None, Query(max_length=40)] = None,
     until: Annotated[str | None, Query(max_length=40)] = None,
     q: Annotated[str | None, Query(max_length=200)] = None,
+) -> EventFilter:
+    """The search filters shared by search and export, as query parameters."""
+    return filter_from_query(actor, action, target, outcome, ip, since, until, q)
+
+
+EventFilterQuery = Annotated[EventFilter, Depends(event_filter)]
+
+
+@router.get("/events", response_model=EventPage)
+def list_events(
+    current: AuditReader,
+    runtime: RuntimeDep,
+    source: SourceDep,
+    f: EventFilterQuery,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int | None, Query()] = None,
 ) -> EventPage:
-    f = filter_from_query(actor, action, target, outcome, ip, since, until, q)
     with transaction(runtime.audit_reader, write=False) as conn:
         page = search_events(conn, f, cursor=cursor, limit=limit)
     _record(
@@ -183,15 +192,8 @@ def export(
     current: AuditReader,
     runtime: RuntimeDep,
     source: SourceDep,
+    f: EventFilterQuery,
     fmt: Annotated[str, Query(alias="format", max_length=16)] = "jsonl",
-    actor: Annotated[str | None, Query(max_length=320)] = None,
-    action: Annotated[str | None, Query(max_length=64)] = None,
-    target: Annotated[str | None, Query(max_length=64)] = None,
-    outcome: Annotated[str | None, Query(max_length=16)] = None,
-    ip: Annotated[str | None, Query(max_length=45)] = None,
-    since: Annotated[str | None, Query(max_length=40)] = None,
-    until: Annotated[str | None, Query(max_length=40)] = None,
-    q: Annotated[str | None, Query(max_length=200)] = None,
 ) -> StreamingResponse:
     """Every matching event, oldest first, as ``jsonl``, ``csv`` or ``ocsf`` (streamed).
 
@@ -202,7 +204,6 @@ def export(
     event loop.
     """
     check_format(fmt)
-    f = filter_from_query(actor, action, target, outcome, ip, since, until, q)
     with transaction(runtime.audit_reader, write=False) as conn:
         plan = plan_export(conn, f, fmt)
     _record(runtime, current, source, "audit.exported", plan.describe())
