@@ -38,7 +38,7 @@ from echo_auth.db.engines import transaction
 from echo_auth.db.identity_schema import one_time_tokens, users
 from echo_auth.identity.auth import AccountDisabled, AuthService, user_actor
 from echo_auth.identity.errors import InvalidToken
-from echo_auth.identity.mail import Mailer, compose_message
+from echo_auth.identity.mail import Mailer, compose_message, describe_duration, describe_send_error
 from echo_auth.identity.one_time import consume_token, issue_token, peek_token
 from echo_auth.identity.sessions import revoke_user_sessions
 from echo_auth.identity.users import (
@@ -249,7 +249,7 @@ class EmailFlows:
                         user,
                         link=self._link("/reset-password", token),
                         token=token,
-                        expires_in=_duration(self.reset_ttl),
+                        expires_in=describe_duration(self.reset_ttl),
                     ),
                     "reset_password",
                     user.id,
@@ -392,7 +392,7 @@ class EmailFlows:
             user,
             link=self._link("/verify-email", token),
             token=token,
-            expires_in=_duration(self.verify_ttl),
+            expires_in=describe_duration(self.verify_ttl),
         )
         return _Outgoing(message, "verify_email", user.id, event.event_id, source)
 
@@ -442,7 +442,7 @@ class EmailFlows:
                 "could not send the %s mail for user %s: %s",
                 outgoing.template,
                 outgoing.user_id,
-                _describe(exc),
+                describe_send_error(exc),
             )
             metadata: dict[str, str] = {"template": outgoing.template}
             if outgoing.event_id is not None:
@@ -496,23 +496,3 @@ def _mark_verified(conn: Connection, user_id: str) -> bool:
 
 def _stamp(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _duration(ttl: timedelta) -> str:
-    """``1 hour``, ``24 hours``, ``3 days``: the largest unit that counts it whole."""
-    seconds = int(ttl.total_seconds())
-    # Days only from two on: "24 hours" reads better than "1 day" for a link's life.
-    if seconds >= 2 * 86400 and seconds % 86400 == 0:
-        return f"{seconds // 86400} days"
-    if seconds >= 3600 and seconds % 3600 == 0:
-        hours = seconds // 3600
-        return f"{hours} hour{'s' if hours != 1 else ''}"
-    minutes = max(1, seconds // 60)
-    return f"{minutes} minute{'s' if minutes != 1 else ''}"
-
-
-def _describe(exc: OSError) -> str:
-    """The kind of error, and the SMTP reply code when there is one: never a message
-    text, which could echo the recipient or the mail back."""
-    code = getattr(exc, "smtp_code", None)
-    return f"{type(exc).__name__} (SMTP {code})" if code else type(exc).__name__

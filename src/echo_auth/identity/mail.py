@@ -17,7 +17,7 @@ import smtplib
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import SMTPUTF8
 from email.utils import format_datetime, make_msgid, parseaddr
@@ -185,3 +185,23 @@ def compose_message(
     message.set_content(text)
     message.add_alternative(html, subtype="html")
     return message
+
+
+def describe_duration(ttl: timedelta) -> str:
+    """``1 hour``, ``24 hours``, ``3 days``: the largest unit that counts it whole."""
+    seconds = int(ttl.total_seconds())
+    # Days only from two on: "24 hours" reads better than "1 day" for a link's life.
+    if seconds >= 2 * 86400 and seconds % 86400 == 0:
+        return f"{seconds // 86400} days"
+    if seconds >= 3600 and seconds % 3600 == 0:
+        hours = seconds // 3600
+        return f"{hours} hour{'s' if hours != 1 else ''}"
+    minutes = max(1, seconds // 60)
+    return f"{minutes} minute{'s' if minutes != 1 else ''}"
+
+
+def describe_send_error(exc: OSError) -> str:
+    """The kind of error, and the SMTP reply code when there is one: never a message
+    text, which could echo the recipient or the mail back."""
+    code = getattr(exc, "smtp_code", None)
+    return f"{type(exc).__name__} (SMTP {code})" if code else type(exc).__name__
