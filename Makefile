@@ -19,6 +19,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
+$(VENV)/.installed-bench: $(VENV)/.installed-dev
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	@touch $@
+
 ## run: install, migrate the embedded SQLite databases under ./var, serve on :8000
 run: $(VENV)/.installed
 	$(BIN)/echo-auth db upgrade
@@ -49,7 +53,7 @@ typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
 ## bench: the benchmarks in bench/ (results in bench/results/)
-bench: $(VENV)/.installed-dev
+bench: $(VENV)/.installed-bench
 	PY=$(BIN)/python scripts/ensure-mysql
 	$(BIN)/python -m bench
 
