@@ -63,6 +63,7 @@ def create_app(
             stop.set()
             if relay_thread is not None:
                 relay_thread.join(timeout=10)
+            await runtime.aclose()
             if owns_runtime:
                 runtime.close()
 

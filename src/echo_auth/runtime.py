@@ -26,6 +26,7 @@ from echo_auth.audit.checkpoints import (
 from echo_auth.audit.events import Actor, Source
 from echo_auth.audit.relay import RelayPolicy
 from echo_auth.config import Settings
+from echo_auth.db.async_reads import AsyncReader, make_async_reader
 from echo_auth.db.engines import make_engine, normalize_url
 from echo_auth.identity.access_tokens import AccessTokens
 from echo_auth.identity.account import AccountService
@@ -64,6 +65,19 @@ class Runtime:
         )
         self._engines.append(engine)
         return engine
+
+    @cached_property
+    def identity_async_reads(self) -> AsyncReader | None:
+        """Session lookups on the event loop (MySQL/MariaDB only; see db.async_reads)."""
+        return make_async_reader(
+            self.settings.identity_db_url, self.identity_reads.dialect, pool_size=self.pool_size
+        )
+
+    async def aclose(self) -> None:
+        """Close what lives on the event loop; call before :meth:`close` at shutdown."""
+        reader = self.__dict__.get("identity_async_reads")
+        if reader is not None:
+            await reader.close()
 
     def _engine_for(self, url: str, *candidates: str) -> Engine:
         """Share an engine between roles that use the very same URL."""
@@ -136,6 +150,7 @@ class Runtime:
         return Argon2Hasher(
             Argon2Params(s.argon2_time_cost, s.argon2_memory_kib, s.argon2_parallelism),
             workers=s.hash_workers,
+            nice=s.hash_nice,
             queue_limit=s.hash_queue_limit,
         )
 
@@ -170,6 +185,7 @@ class Runtime:
         return AuthService(
             identity=self.identity,
             reads=self.identity_reads,
+            async_reads=self.identity_async_reads,
             hasher=self.hasher,
             sessions=self.session_policy,
             throttle=self.throttle,

@@ -13,11 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import anyio.to_thread
 from sqlalchemy import Connection, Engine, update
 from sqlalchemy.exc import IntegrityError
 
 from echo_auth.audit.events import Actor, AuditEvent, Source, Target, uuid7
 from echo_auth.audit.outbox import enqueue_event, enqueue_events
+from echo_auth.db.async_reads import AsyncReader
 from echo_auth.db.engines import single_read, transaction
 from echo_auth.db.identity_schema import users
 from echo_auth.identity.devices import find_device, remember_device, touch_device
@@ -31,6 +33,7 @@ from echo_auth.identity.sessions import (
     SessionPolicy,
     create_session,
     resolve_session,
+    resolve_session_async,
     revoke_session,
     touch_session,
 )
@@ -85,6 +88,8 @@ class AuthService:
     password_min_length: int = 12
     password_max_length: int = 1024
     mfa_token_ttl: timedelta = timedelta(minutes=5)
+    # The same reads on the event loop, where the database has an async driver (MySQL).
+    async_reads: AsyncReader | None = None
 
     def check_password(self, password: str, email: str | None = None) -> None:
         check_password_policy(
@@ -355,6 +360,19 @@ class AuthService:
             with transaction(self.identity) as conn:
                 touch_session(conn, current.id)
         return current
+
+    async def authenticate_async(self, token: str) -> CurrentSession | None:
+        """:meth:`authenticate` for the event loop: no thread hop unless it must write."""
+        if self.async_reads is None:
+            return await anyio.to_thread.run_sync(self.authenticate, token)
+        current = await resolve_session_async(self.async_reads, token, self.sessions)
+        if current is not None and current.needs_touch:
+            await anyio.to_thread.run_sync(self._touch, current.id)
+        return current
+
+    def _touch(self, session_id: str) -> None:
+        with transaction(self.identity) as conn:
+            touch_session(conn, session_id)
 
     def logout(self, current: CurrentSession, source: Source) -> None:
         with transaction(self.identity) as conn:

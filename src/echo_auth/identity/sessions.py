@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select, update
 
 from echo_auth.audit.events import uuid7
+from echo_auth.db.async_reads import AsyncReader
 from echo_auth.db.identity_schema import sessions, users
 from echo_auth.identity.tokens import new_token, token_hash
 from echo_auth.identity.users import USER_COLUMNS, User
@@ -86,9 +88,27 @@ def resolve_session(
     longer than the idle timeout, and its user is not disabled. ``needs_touch`` says the
     last-seen time is older than the touch interval (see :func:`touch_session`).
     """
-    if not token or len(token) > 256:
+    if not _plausible(token):
         return None
     row = conn.execute(_RESOLVE, {"token_hash": token_hash(token)}).first()
+    return _live_session(row, policy, now)
+
+
+async def resolve_session_async(
+    reader: AsyncReader, token: str, policy: SessionPolicy
+) -> CurrentSession | None:
+    """:func:`resolve_session` on the event loop (MySQL/MariaDB): the same query and rules."""
+    if not _plausible(token):
+        return None
+    row = await reader.first(_RESOLVE, {"token_hash": token_hash(token)})
+    return _live_session(row, policy, None)
+
+
+def _plausible(token: str) -> bool:
+    return bool(token) and len(token) <= 256
+
+
+def _live_session(row: Any, policy: SessionPolicy, now: datetime | None) -> CurrentSession | None:
     if row is None or row.revoked_at is not None or row.disabled_at is not None:
         return None
     now = now or datetime.now(UTC)
