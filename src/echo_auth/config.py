@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # Hashing runs in its own bounded pool, never on the event loop.
     hash_workers: int = Field(default=2, ge=1, le=64)
     hash_queue_limit: int = Field(default=256, ge=1)
+    # The hashing threads' nice value (Linux): under a login storm, requests that need no
+    # hash (session checks, admin reads) still get the CPU first. 0 turns it off.
+    hash_nice: int = Field(default=19, ge=0, le=19)
     password_min_length: int = Field(default=12, ge=8, le=128)
     password_max_length: int = Field(default=1024, ge=128, le=4096)
 
