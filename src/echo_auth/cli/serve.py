@@ -82,7 +82,9 @@ def serve(ctx: CliContext, host: str, port: int, workers: int, no_relay: bool) -
     # stopped server closes its resources and exits 0, as service managers expect.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     if workers == 1:
-        app = create_app(settings, runtime=runtime, run_relay_in_process=not no_relay)
+        app = create_app(
+            settings, runtime=runtime, run_relay_in_process=not no_relay, freeze_gc=True
+        )
         uvicorn.run(app, host=host, port=port, **_UVICORN_OPTIONS)
         return
     runtime.close()

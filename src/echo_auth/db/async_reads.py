@@ -51,7 +51,11 @@ class _Compiled:
 
 
 class AsyncReader:
-    """Runs compiled single-row SELECTs on a per-process asyncmy pool (autocommit)."""
+    """Runs compiled single-row SELECTs on an asyncmy pool (autocommit).
+
+    The pool belongs to the first event loop that uses it (a server worker's one loop)
+    until :meth:`close` is awaited there.
+    """
 
     def __init__(
         self,
@@ -93,14 +97,23 @@ class AsyncReader:
         self._compiled[id(statement)] = (statement, entry)
         return entry
 
-    async def _get_pool(self) -> Any:
+    def bound_elsewhere(self) -> bool:
+        """True when another, still open event loop owns the pool (callers then take the
+        synchronous path: a connection cannot move between loops)."""
         loop = asyncio.get_running_loop()
-        if self._pool is not None and self._loop is loop:
+        if self._loop is None or self._loop is loop:
+            return False
+        if self._loop.is_closed():
+            # Its owner ended without close(); nothing can be awaited on it any more.
+            self._pool, self._loop = None, None
+            return False
+        return True
+
+    async def _get_pool(self) -> Any:
+        if self._pool is not None:
             return self._pool
-        if self._loop is not loop:
-            # A pool belongs to the event loop that made it (a test client may run each
-            # request on a new loop): start over on this one.
-            self._pool, self._loop, self._pool_lock = None, loop, asyncio.Lock()
+        if self._loop is None:
+            self._loop, self._pool_lock = asyncio.get_running_loop(), asyncio.Lock()
         async with self._pool_lock:
             if self._pool is None:
                 url = self._url
@@ -164,14 +177,14 @@ class AsyncReader:
         finally:
             pool.release(conn)
 
-    async def _discard_pool(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None and self._loop is asyncio.get_running_loop():
+    async def close(self) -> None:
+        """Close the pool; call it on the loop that uses it (a no-op on any other)."""
+        if self._loop is not asyncio.get_running_loop():
+            return
+        pool, self._pool, self._loop = self._pool, None, None
+        if pool is not None:
             pool.close()
             await pool.wait_closed()
-
-    async def close(self) -> None:
-        await self._discard_pool()
 
 
 def make_async_reader(raw_url: str, dialect: Dialect, *, pool_size: int) -> AsyncReader | None:

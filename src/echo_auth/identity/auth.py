@@ -363,7 +363,7 @@ class AuthService:
 
     async def authenticate_async(self, token: str) -> CurrentSession | None:
         """:meth:`authenticate` for the event loop: no thread hop unless it must write."""
-        if self.async_reads is None:
+        if self.async_reads is None or self.async_reads.bound_elsewhere():
             return await anyio.to_thread.run_sync(self.authenticate, token)
         current = await resolve_session_async(self.async_reads, token, self.sessions)
         if current is not None and current.needs_touch:
