@@ -65,6 +65,33 @@ class EventFilter:
         return out
 
 
+def filter_from_text(
+    *,
+    actor: str | None = None,
+    action: str | None = None,
+    target: str | None = None,
+    outcome: str | None = None,
+    ip: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    q: str | None = None,
+) -> EventFilter:
+    """A filter from what a person typed (query string, form or command line).
+
+    Empty fields mean "any"; times are ISO 8601 (see :func:`parse_time`).
+    """
+    return EventFilter(
+        actor=actor or None,
+        action=action or None,
+        target=target or None,
+        outcome=outcome or None,
+        ip=ip or None,
+        since=parse_time("since", since),
+        until=parse_time("until", until),
+        q=q or None,
+    )
+
+
 def parse_time(field: str, text: str | None) -> datetime | None:
     if text is None or text == "":
         return None

@@ -17,7 +17,7 @@ from echo_auth.audit.dead_letters import list_dead_letters, retry_dead_letters
 from echo_auth.audit.events import Target
 from echo_auth.audit.export import FORMATS, ExportPlan, check_format, export_events, plan_export
 from echo_auth.audit.pipeline import pipeline_status
-from echo_auth.audit.search import EventFilter, parse_time, search_events
+from echo_auth.audit.search import filter_from_text, search_events
 from echo_auth.audit.verify import count_events, verify_audit_log
 from echo_auth.cli.events import record_operator_event
 from echo_auth.cli.main import EXIT_CHECK_FAILED, CliContext, cli, fail, one_line_errors, pass_ctx
@@ -60,14 +60,14 @@ def search(
     as_json: bool,
 ) -> None:
     """Search events, newest first."""
-    f = EventFilter(
+    f = filter_from_text(
         actor=actor,
         action=action,
         target=target,
         outcome=outcome,
         ip=ip,
-        since=parse_time("since", since),
-        until=parse_time("until", until),
+        since=since,
+        until=until,
         q=q,
     )
     runtime = ctx.runtime
@@ -273,14 +273,14 @@ def export(
 ) -> None:
     """Export matching events, oldest first, up to the chain head as it is now."""
     check_format(fmt)
-    f = EventFilter(
+    f = filter_from_text(
         actor=actor,
         action=action,
         target=target,
         outcome=outcome,
         ip=ip,
-        since=parse_time("since", since),
-        until=parse_time("until", until),
+        since=since,
+        until=until,
         q=q,
     )
     runtime = ctx.runtime

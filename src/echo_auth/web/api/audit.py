@@ -24,7 +24,13 @@ from echo_auth.audit.export import (
 )
 from echo_auth.audit.outbox import enqueue_event
 from echo_auth.audit.pipeline import pipeline_status
-from echo_auth.audit.search import EventFilter, InvalidQuery, get_event, parse_time, search_events
+from echo_auth.audit.search import (
+    EventFilter,
+    InvalidQuery,
+    filter_from_text,
+    get_event,
+    search_events,
+)
 from echo_auth.audit.verify import verify_audit_log
 from echo_auth.db.engines import transaction
 from echo_auth.identity.auth import user_actor
@@ -64,28 +70,6 @@ def _record(
         )
 
 
-def filter_from_query(
-    actor: str | None,
-    action: str | None,
-    target: str | None,
-    outcome: str | None,
-    ip: str | None,
-    since: str | None,
-    until: str | None,
-    q: str | None,
-) -> EventFilter:
-    return EventFilter(
-        actor=actor or None,
-        action=action or None,
-        target=target or None,
-        outcome=outcome or None,
-        ip=ip or None,
-        since=parse_time("since", since),
-        until=parse_time("until", until),
-        q=q or None,
-    )
-
-
 def event_filter(
     actor: Annotated[str | None, Query(max_length=320)] = None,
     action: Annotated[str | None, Query(max_length=64)] = None,
@@ -97,7 +81,16 @@ def event_filter(
     q: Annotated[str | None, Query(max_length=200)] = None,
 ) -> EventFilter:
     """The search filters shared by search and export, as query parameters."""
-    return filter_from_query(actor, action, target, outcome, ip, since, until, q)
+    return filter_from_text(
+        actor=actor,
+        action=action,
+        target=target,
+        outcome=outcome,
+        ip=ip,
+        since=since,
+        until=until,
+        q=q,
+    )
 
 
 EventFilterQuery = Annotated[EventFilter, Depends(event_filter)]

@@ -31,6 +31,7 @@ from echo_auth.audit.pipeline import PipelineStatus, pipeline_status
 from echo_auth.audit.search import (
     EventFilter,
     InvalidQuery,
+    filter_from_text,
     get_event,
     get_event_at,
     parse_time,
@@ -40,7 +41,6 @@ from echo_auth.audit.verify import verify_audit_log
 from echo_auth.db.engines import transaction
 from echo_auth.identity.auth import user_actor
 from echo_auth.identity.sessions import CurrentSession
-from echo_auth.web.api.audit import filter_from_query
 from echo_auth.web.pages.context import CheckedForm, Page, PageContext, PageRefused
 
 router = APIRouter(prefix="/admin/audit")
@@ -116,7 +116,7 @@ def audit_page(
     audit_error: str | None = None
     last_verified: dict[str, Any] | None = None
     try:
-        f = filter_from_query(**{k: values[k] or None for k in FILTERS})
+        f = filter_from_text(**{k: values[k] or None for k in FILTERS})
     except InvalidQuery as exc:
         f = None
         errors[exc.field] = str(exc).removeprefix(f"{exc.field}: ")
