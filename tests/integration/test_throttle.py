@@ -121,3 +121,28 @@ def test_ip_limit_spans_accounts(runtime: Runtime) -> None:
             rt.auth.login("someone-else@example.com", "whatever-password", OWNER)
     finally:
         rt.close()
+
+
+def test_password_change_guesses_spend_the_accounts_login_budget(
+    runtime: Runtime, victim: str
+) -> None:
+    """A stolen session must not become an unthrottled password oracle."""
+    result = runtime.auth.login("victim@example.com", PASSWORD, OWNER)
+    assert isinstance(result, LoginResult)
+    current = runtime.auth.authenticate(result.session.token)
+    assert current is not None
+    limit = runtime.settings.login_max_failures
+    for i in range(limit):
+        with pytest.raises(InvalidCredentials):
+            runtime.account.change_password(
+                current, f"wrong guess {i}", "a new passphrase 77", ATTACKER
+            )
+    # The budget is spent: even the right password is refused now, here and at login.
+    with pytest.raises(RateLimited):
+        runtime.account.change_password(current, PASSWORD, "a new passphrase 77", ATTACKER)
+    with pytest.raises(RateLimited):
+        runtime.auth.login("victim@example.com", PASSWORD, OWNER)
+    deliver(runtime)
+    actions = [e["action"] for e in events_of(runtime)]
+    assert actions.count("password.changed") == limit  # every failure, no success
+    assert "account.locked" in actions and "auth.throttled" in actions

@@ -15,6 +15,7 @@ from echo_auth.db.identity_schema import sessions, users
 from echo_auth.identity.auth import AuthService, user_actor
 from echo_auth.identity.errors import InvalidCredentials, InvalidInput, NotFound
 from echo_auth.identity.sessions import CurrentSession, revoke_session, revoke_user_sessions
+from echo_auth.identity.throttle import Key
 from echo_auth.identity.users import check_password_policy
 
 
@@ -140,9 +141,15 @@ class AccountService:
     ) -> int:
         """Set a new password after checking the current one; other sessions are revoked.
 
-        Both argon2 runs happen before the write transaction opens.
+        Checking the current password is a guess like a login's, so it spends from the
+        same brute-force budget (the account's throttle key): a stolen session cannot be
+        used to try passwords without limit. Both argon2 runs happen before the write
+        transaction opens.
         """
         auth = self.auth
+        actor = user_actor(current.user)
+        keys = [Key.email(current.user.email)]
+        auth.reserve_attempt(keys, actor, current.user.id, source, "password.changed")
         with transaction(auth.identity, write=False) as conn:
             stored = conn.execute(
                 select(users.c.password_hash).where(users.c.id == current.user.id)
@@ -155,12 +162,15 @@ class AccountService:
                         action="password.changed",
                         outcome="failure",
                         reason="bad_password",
-                        actor=user_actor(current.user),
+                        actor=actor,
                         target=Target("user", current.user.id),
                         source=source,
                     ),
                 )
+                auth.record_locks(conn, keys, actor, current.user.id, source)
             raise InvalidCredentials("the current password is not right")
+        with transaction(auth.identity) as conn:
+            auth.throttle.succeeded(conn, keys)
         if new_password == current_password:
             raise InvalidInput("new_password", "must differ from the current password")
         check_password_policy(

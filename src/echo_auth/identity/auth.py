@@ -169,7 +169,7 @@ class AuthService:
         keys = [Key("device", device_id) if device_id else Key.email(email)]
         if source.ip:
             keys.append(Key("ip", source.ip))
-        self._reserve(keys, actor, user_id, source, "auth.login.failed")
+        self.reserve_attempt(keys, actor, user_id, source, "auth.login.failed")
         if found is None:
             self.hasher.verify_dummy(password)
             self._refuse(keys, actor, None, "unknown_user", source)
@@ -230,7 +230,7 @@ class AuthService:
         keys = [Key("mfa", user.id)]
         if source.ip:
             keys.append(Key("ip", source.ip))
-        self._reserve(keys, actor, user.id, source, "auth.mfa.failed")
+        self.reserve_attempt(keys, actor, user.id, source, "auth.mfa.failed")
         with transaction(self.identity) as conn:
             method = check_code(conn, user.id, code, source=source) if len(code) <= 64 else None
             if method is not None and consume_token(conn, MFA_LOGIN, mfa_token):
@@ -262,7 +262,7 @@ class AuthService:
                     source=source,
                 ),
             )
-            self._locks(conn, keys, actor, user.id, source)
+            self.record_locks(conn, keys, actor, user.id, source)
         raise InvalidMfaCode()
 
     def _open_session(
@@ -293,7 +293,7 @@ class AuthService:
         )
         return LoginResult(session, user, new_device)
 
-    def _reserve(
+    def reserve_attempt(
         self, keys: list[Key], actor: Actor, user_id: str | None, source: Source, action: str
     ) -> None:
         try:
@@ -314,7 +314,7 @@ class AuthService:
                 )
             raise
 
-    def _locks(
+    def record_locks(
         self, conn: Connection, keys: list[Key], actor: Actor, user_id: str | None, source: Source
     ) -> None:
         for lock in self.throttle.failed(conn, keys):
@@ -347,7 +347,7 @@ class AuthService:
     ) -> None:
         with transaction(self.identity) as conn:
             enqueue_event(conn, self._failed(actor, user_id, reason, source))
-            self._locks(conn, keys, actor, user_id, source)
+            self.record_locks(conn, keys, actor, user_id, source)
         raise InvalidCredentials()
 
     # -- sessions -----------------------------------------------------------------------
