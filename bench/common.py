@@ -56,6 +56,8 @@ class Options:
     deadline: float | None = None
     verify_n: int | None = None
     verify_budget_s: float = 180.0
+    # soak: seconds of load (None: 600, or 20 with --quick).
+    soak_seconds: float | None = None
 
     def remaining(self) -> float:
         return float("inf") if self.deadline is None else self.deadline - time.perf_counter()
