@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export ECHO_DATA_DIR ?= ./var
 
-.PHONY: run demo test lint fmt typecheck bench clean
+.PHONY: run demo test lint fmt typecheck bench soak clean
 
 # The runtime install (what `make run` needs) and the dev install (tests, lint, types).
 $(VENV)/.installed: pyproject.toml
@@ -55,7 +55,13 @@ typecheck: $(VENV)/.installed-dev
 ## bench: the benchmarks in bench/ (results in bench/results/)
 bench: $(VENV)/.installed-bench
 	PY=$(BIN)/python scripts/ensure-mysql
+	scripts/ensure-wrk
 	$(BIN)/python -m bench
+
+## soak: only the 10-minute soak (mixed traffic, two relays; bench/results/soak.json)
+soak: $(VENV)/.installed-bench
+	PY=$(BIN)/python scripts/ensure-mysql
+	$(BIN)/python -m bench soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

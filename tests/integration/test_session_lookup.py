@@ -20,8 +20,9 @@ from echo_auth.db.engines import transaction
 from echo_auth.db.identity_schema import sessions, users
 from echo_auth.identity.sessions import CurrentSession, resolve_session_async
 from echo_auth.runtime import Runtime
-from tests.fixtures.app import PASSWORD
+from tests.fixtures.app import PASSWORD, deliver
 from tests.fixtures.db import MySQLServer
+from tests.fixtures.events import events_of
 
 SOURCE = Source(ip="198.51.100.9", user_agent="pytest")
 
@@ -76,9 +77,35 @@ def test_event_loop_lookup_answers_as_the_synchronous_one(
     assert again is not None and not again.needs_touch and again.last_seen_at > stale
 
     # Expired, then revoked, then the user disabled: both paths refuse alike.
+    # The first path to see it ended ends it, once, with a session.expired event.
     _set_session(runtime, session_id, expires_at=datetime.now(UTC) - timedelta(seconds=1))
     assert _both(runtime, loop, token) == (None, None)
-    _set_session(runtime, session_id, expires_at=datetime.now(UTC) + timedelta(days=1))
+    assert _both(runtime, loop, token) == (None, None)
+    _set_session(runtime, session_id, last_seen_at=datetime.now(UTC) - timedelta(days=8))
+    assert loop.run(runtime.auth.authenticate_async(token)) is None
+    deliver(runtime)
+    expired = events_of(runtime, "session.expired")
+    assert [(e["target"]["id"], e["reason"]) for e in expired] == [(session_id, "absolute_timeout")]
+    _set_session(
+        runtime,
+        session_id,
+        expires_at=datetime.now(UTC) + timedelta(days=1),
+        last_seen_at=datetime.now(UTC),
+        revoked_at=None,
+        revoked_reason=None,
+    )
+    assert all(_both(runtime, loop, token))
+    # Idle past the idle timeout, seen first on the event loop this time.
+    _set_session(runtime, session_id, last_seen_at=datetime.now(UTC) - timedelta(days=8))
+    assert loop.run(runtime.auth.authenticate_async(token)) is None
+    deliver(runtime)
+    assert [e["reason"] for e in events_of(runtime, "session.expired")] == [
+        "absolute_timeout",
+        "idle_timeout",
+    ]
+    _set_session(
+        runtime, session_id, last_seen_at=datetime.now(UTC), revoked_at=None, revoked_reason=None
+    )
     assert all(_both(runtime, loop, token))
     _set_session(runtime, session_id, revoked_at=datetime.now(UTC), revoked_reason="logout")
     assert _both(runtime, loop, token) == (None, None)

@@ -29,9 +29,11 @@ from echo_auth.identity.one_time import consume_token, issue_token, peek_token
 from echo_auth.identity.passwords import PasswordHasherProtocol
 from echo_auth.identity.sessions import (
     CurrentSession,
+    ExpiredSession,
     NewSession,
     SessionPolicy,
     create_session,
+    end_expired_session,
     resolve_session,
     resolve_session_async,
     revoke_session,
@@ -353,26 +355,49 @@ class AuthService:
     # -- sessions -----------------------------------------------------------------------
 
     def authenticate(self, token: str) -> CurrentSession | None:
-        """The live session for a token; touches last-seen at most once per interval."""
+        """The live session for a token; touches last-seen at most once per interval.
+
+        A session found run out is ended here, once, with a ``session.expired`` event.
+        """
         with single_read(self.reads) as conn:
-            current = resolve_session(conn, token, self.sessions)
-        if current is not None and current.needs_touch:
-            with transaction(self.identity) as conn:
-                touch_session(conn, current.id)
-        return current
+            found = resolve_session(conn, token, self.sessions)
+        if isinstance(found, ExpiredSession):
+            self._end_expired(found)
+            return None
+        if found is not None and found.needs_touch:
+            self._touch(found.id)
+        return found
 
     async def authenticate_async(self, token: str) -> CurrentSession | None:
         """:meth:`authenticate` for the event loop: no thread hop unless it must write."""
         if self.async_reads is None or self.async_reads.bound_elsewhere():
             return await anyio.to_thread.run_sync(self.authenticate, token)
-        current = await resolve_session_async(self.async_reads, token, self.sessions)
-        if current is not None and current.needs_touch:
-            await anyio.to_thread.run_sync(self._touch, current.id)
-        return current
+        found = await resolve_session_async(self.async_reads, token, self.sessions)
+        if isinstance(found, ExpiredSession):
+            await anyio.to_thread.run_sync(self._end_expired, found)
+            return None
+        if found is not None and found.needs_touch:
+            await anyio.to_thread.run_sync(self._touch, found.id)
+        return found
 
     def _touch(self, session_id: str) -> None:
         with transaction(self.identity) as conn:
             touch_session(conn, session_id)
+
+    def _end_expired(self, expired: ExpiredSession) -> None:
+        with transaction(self.identity) as conn:
+            if end_expired_session(conn, expired.id):
+                enqueue_event(
+                    conn,
+                    AuditEvent(
+                        action="session.expired",
+                        outcome="success",
+                        reason=f"{expired.reason}_timeout",
+                        actor=Actor.system(),
+                        target=Target("session", expired.id),
+                        metadata={"user_id": expired.user.id},
+                    ),
+                )
 
     def logout(self, current: CurrentSession, source: Source) -> None:
         with transaction(self.identity) as conn:

@@ -32,6 +32,16 @@ class CurrentSession:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpiredSession:
+    """A presented session that has run out (``reason``: ``idle`` or ``absolute``) and
+    is not yet marked so; the caller ends it once (see :func:`end_expired_session`)."""
+
+    id: str
+    user: User
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class NewSession:
     id: str
     token: str
@@ -81,12 +91,13 @@ _RESOLVE = (
 
 def resolve_session(
     conn: Connection, token: str, policy: SessionPolicy, *, now: datetime | None = None
-) -> CurrentSession | None:
+) -> CurrentSession | ExpiredSession | None:
     """The live session for ``token`` and its user, or None. Writes nothing.
 
     A session is live when it is not revoked, not past its absolute expiry, not idle for
     longer than the idle timeout, and its user is not disabled. ``needs_touch`` says the
-    last-seen time is older than the touch interval (see :func:`touch_session`).
+    last-seen time is older than the touch interval (see :func:`touch_session`). A
+    session that ran out comes back as :class:`ExpiredSession` (it is not live either).
     """
     if not _plausible(token):
         return None
@@ -96,7 +107,7 @@ def resolve_session(
 
 async def resolve_session_async(
     reader: AsyncReader, token: str, policy: SessionPolicy
-) -> CurrentSession | None:
+) -> CurrentSession | ExpiredSession | None:
     """:func:`resolve_session` on the event loop (MySQL/MariaDB): the same query and rules."""
     if not _plausible(token):
         return None
@@ -108,12 +119,16 @@ def _plausible(token: str) -> bool:
     return bool(token) and len(token) <= 256
 
 
-def _live_session(row: Any, policy: SessionPolicy, now: datetime | None) -> CurrentSession | None:
+def _live_session(
+    row: Any, policy: SessionPolicy, now: datetime | None
+) -> CurrentSession | ExpiredSession | None:
     if row is None or row.revoked_at is not None or row.disabled_at is not None:
         return None
     now = now or datetime.now(UTC)
-    if now >= row.expires_at or now >= row.last_seen_at + policy.idle_timeout:
-        return None
+    if now >= row.expires_at:
+        return ExpiredSession(row.session_id, User.from_row(row), "absolute")
+    if now >= row.last_seen_at + policy.idle_timeout:
+        return ExpiredSession(row.session_id, User.from_row(row), "idle")
     return CurrentSession(
         id=row.session_id,
         user=User.from_row(row),
@@ -130,6 +145,11 @@ def touch_session(conn: Connection, session_id: str) -> None:
         .where(sessions.c.id == session_id, sessions.c.revoked_at.is_(None))
         .values(last_seen_at=datetime.now(UTC))
     )
+
+
+def end_expired_session(conn: Connection, session_id: str) -> bool:
+    """Mark a session that ran out as ended; True for the one caller that did it."""
+    return revoke_session(conn, session_id, "expired")
 
 
 def revoke_session(conn: Connection, session_id: str, reason: str) -> bool:
