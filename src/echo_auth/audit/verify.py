@@ -23,18 +23,20 @@ of checkpoints, which is small).
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
+from json import JSONDecoder
 from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, bindparam, func, select
 
 from echo_auth.audit.chain import (
     PROJECTED_COLUMNS,
     MalformedPayload,
-    link_hash,
     project_values,
     read_head,
 )
@@ -303,6 +305,337 @@ def _load_checkpoints(
     return by_seq
 
 
+# -- reading the table fast ----------------------------------------------------------------
+#
+# verify_chain reads the rows through the driver's own cursor (no SQLAlchemy Row objects),
+# a batch at a time in seq order, and keeps, per row, only what judging needs. Two fast
+# paths keep the per-row work small without changing a single verdict:
+#
+# * The searchable columns are first compared by a fast test that can only say "they
+#   agree" when the exact test (``_exact_columns_agree``: SQLAlchemy's values against
+#   ``project_values``) would say so too. A row the fast test does not clear is read again
+#   through SQLAlchemy and judged by the exact test, so only tampered rows pay for it.
+#   On MySQL/MariaDB the thirteen columns come back as one string, each value as
+#   ``<CHAR_LENGTH>:<value>`` or ``-`` for NULL (pymysql decodes every column in Python,
+#   so fewer columns is most of the speed); on SQLite they come back as they are.
+# * ``_judge`` runs only for rows that are "dirty": a wrong hash, disagreeing columns, or a
+#   broken link to the previous or the next row. For any other row ``_judge`` provably
+#   reports nothing and marks nothing (its predecessor links to it and its successor
+#   links to it), so skipping it changes nothing. A dirty row is judged once the WINDOW
+#   rows after it have been read, with exactly the window ``_judge`` always saw: the rows
+#   from WINDOW + 1 before it to WINDOW after it.
+
+_NO_DICT: dict[str, Any] = {}
+_fromisoformat = datetime.fromisoformat
+# json.loads(s) is JSONDecoder().decode(s): this default decoder's scanner, at 0, to the end.
+_scan_json: Callable[[str, int], tuple[Any, int]]
+_scan_json = JSONDecoder().scan_once  # type: ignore[attr-defined]
+# Built from the schema's own names only (S608): no value is ever formatted into them.
+_SQLITE_SELECT = (
+    f"SELECT seq, prev_hash, hash, event_json, {', '.join(_PROJECTED)} "  # noqa: S608
+    f"FROM {audit_events.name} WHERE seq > ? ORDER BY seq LIMIT ?"
+)
+
+
+def _mysql_packed_column() -> str:
+    parts = []
+    for name in _PROJECTED:
+        value = name
+        if name == "occurred_at":
+            # The canonical event form, ``%%`` because pymysql formats the query with ``%``.
+            value = "DATE_FORMAT(occurred_at, '%%Y-%%m-%%dT%%H:%%i:%%s.%%fZ')"
+        parts.append(f"IFNULL(CONCAT(CHAR_LENGTH({value}), ':', {value}), '-')")
+    return f"CONCAT({', '.join(parts)})"
+
+
+_MYSQL_SELECT = (
+    f"SELECT seq, prev_hash, hash, event_json, {_mysql_packed_column()} "  # noqa: S608
+    f"FROM {audit_events.name} WHERE seq > %s ORDER BY seq LIMIT %s"
+)
+_EXACT_COLUMNS = select(*[audit_events.c[name] for name in _PROJECTED]).where(
+    audit_events.c.seq == bindparam("seq")
+)
+
+# One batch: (seq, prev_hash, hash, event_json, columns as the fast test reads them).
+_Batch = list[tuple[int, str, str, str, Any]]
+
+
+def _parse_whole(text: str) -> Any:
+    """What json.loads(text) returns, for a text with no whitespace around the document
+    (raises otherwise): json.loads less its two Python-level calls and whitespace scans."""
+    doc, end = _scan_json(text, 0)
+    if end != len(text):
+        raise ValueError("not one JSON document")
+    return doc
+
+
+def _check_timestamp(text: str) -> None:
+    """Raise unless parse_timestamp(text) succeeds (the same tests, minus its result)."""
+    if len(text) != 27 or text[26] != "Z" or text[10] != "T" or text[19] != ".":
+        raise ValueError("not a canonical timestamp")
+    _fromisoformat(text[:26])
+
+
+def _sqlite_implied(event_json: str) -> tuple[Any, ...]:
+    """The columns as SQLite stores them, if they agree with the JSON (raises if unsure)."""
+    doc = _parse_whole(event_json)
+    actor = doc["actor"]
+    target = doc.get("target") or _NO_DICT
+    source = doc.get("source") or _NO_DICT
+    ts = doc["occurred_at"]
+    _check_timestamp(ts)
+    return (
+        doc["event_id"],
+        # SQLAlchemy's SQLite storage form of the same instant: "YYYY-MM-DD HH:MM:SS.ffffff".
+        ts[:10] + " " + ts[11:26],
+        actor["type"],
+        actor.get("id"),
+        actor.get("label"),
+        doc["action"],
+        target.get("type"),
+        target.get("id"),
+        doc["outcome"],
+        doc.get("reason"),
+        source.get("ip"),
+        source.get("user_agent"),
+        doc.get("request_id"),
+    )
+
+
+def _pack(value: Any) -> str:
+    if value is None:
+        return "-"
+    if type(value) is not str:
+        raise TypeError("not a string")  # a column never equals it: let the exact test say
+    return f"{len(value)}:{value}"
+
+
+def _mysql_implied(event_json: str) -> str:
+    """The packed column string (see _MYSQL_SELECT) the JSON implies (raises if unsure)."""
+    doc = _parse_whole(event_json)
+    actor = doc["actor"]
+    target = doc.get("target") or _NO_DICT
+    source = doc.get("source") or _NO_DICT
+    ts = doc["occurred_at"]
+    _check_timestamp(ts)
+    p = _pack
+    return "".join(
+        (
+            p(doc["event_id"]),
+            p(ts),
+            p(actor["type"]),
+            p(actor.get("id")),
+            p(actor.get("label")),
+            p(doc["action"]),
+            p(target.get("type")),
+            p(target.get("id")),
+            p(doc["outcome"]),
+            p(doc.get("reason")),
+            p(source.get("ip")),
+            p(source.get("user_agent")),
+            p(doc.get("request_id")),
+        )
+    )
+
+
+def _exact_columns_agree(conn: Connection, seq: int, event_json: str) -> bool:
+    """The searchable columns, read through SQLAlchemy, equal what the JSON says."""
+    row = conn.execute(_EXACT_COLUMNS, {"seq": seq}).first()
+    if row is None:
+        return False
+    try:
+        implied = project_values(event_json)
+    except MalformedPayload:
+        return False
+    return tuple(row) == implied
+
+
+_CHUNK = 500  # rows taken from the cursor at a time while the server keeps sending
+
+
+def _batch_reader(
+    conn: Connection, batch: int
+) -> tuple[Callable[[int], Iterator[_Batch]], Callable[[str], Any]]:
+    """``fetch(after)``: the next batch after ``seq`` ``after``, in chunks; and the fast
+    test's ``implied(event_json)``, to compare with each row's last field.
+
+    On MySQL/MariaDB the cursor is unbuffered (pymysql's SSCursor): the server goes on
+    sending while the rows already here are hashed and parsed. The connection is busy
+    until the batch is read to its end, which is why the exact tests wait for settle().
+    """
+    dialect = conn.dialect
+    raw = conn.connection.dbapi_connection
+    if raw is not None and dialect.name == "sqlite" and dialect.driver == "pysqlite":
+
+        def fetch_sqlite(after: int) -> Iterator[_Batch]:
+            assert raw is not None
+            cursor = raw.cursor()
+            try:
+                cursor.execute(_SQLITE_SELECT, (after, batch))
+                while chunk := cursor.fetchmany(_CHUNK):
+                    yield [(r[0], r[1], r[2], r[3], r[4:]) for r in chunk]
+            finally:
+                cursor.close()
+
+        return fetch_sqlite, _sqlite_implied
+    if raw is not None and dialect.name in ("mysql", "mariadb") and dialect.driver == "pymysql":
+        from pymysql.cursors import SSCursor
+
+        def fetch_mysql(after: int) -> Iterator[_Batch]:
+            assert raw is not None
+            cursor = raw.cursor(SSCursor)
+            try:
+                cursor.execute(_MYSQL_SELECT, (after, batch))
+                while chunk := cursor.fetchmany(_CHUNK):
+                    yield list(chunk)
+            finally:
+                cursor.close()  # reads what is left of the result, if anything
+
+        return fetch_mysql, _mysql_implied
+    return _generic_reader(conn, batch), project_values
+
+
+def _generic_reader(conn: Connection, batch: int) -> Callable[[int], Iterator[_Batch]]:
+    stmt = select(
+        audit_events.c.seq,
+        audit_events.c.prev_hash,
+        audit_events.c.hash,
+        audit_events.c.event_json,
+        *[audit_events.c[name] for name in _PROJECTED],
+    ).order_by(audit_events.c.seq)
+
+    def fetch(after: int) -> Iterator[_Batch]:
+        rows = conn.execute(stmt.where(audit_events.c.seq > after).limit(batch)).all()
+        if rows:
+            yield [(int(r[0]), r[1], r[2], r[3], tuple(r[4:])) for r in rows]
+
+    return fetch
+
+
+class _Scanner:
+    """Reads the chain row by row and judges the dirty rows (see the notes above)."""
+
+    def __init__(self, report: VerifyReport) -> None:
+        self.report = report
+        self.n = 0  # rows read; the next row's position
+        self.base = 0  # the position of the first row kept in the lists below
+        self.seqs: list[int] = []
+        self.prevs: list[str] = []
+        self.hashes: list[str] = []
+        self.computed: list[str] = []
+        self.columns_bad: set[int] = set()
+        self.displaced: set[int] = set()
+        self.dirty: deque[int] = deque()  # positions to judge, ascending
+        self.unsure: list[tuple[int, int, str]] = []  # (position, seq, event_json)
+        self.last_hash = GENESIS_HASH  # what the next row's prev_hash must be
+        self.window = _Window()
+
+    def feed(self, rows: _Batch, implied: Callable[[str], Any]) -> None:
+        """Take in rows read (settle() before judging: the cursor may still be open)."""
+        n, last = self.n, self.last_hash
+        seqs, prevs, hashes, computed = self.seqs, self.prevs, self.hashes, self.computed
+        dirty, unsure = self.dirty, self.unsure
+        sha256 = hashlib.sha256
+        for seq, prev, digest, event_json, columns in rows:
+            mine = sha256((prev + event_json).encode("utf-8")).hexdigest()  # link_hash
+            try:
+                agree = implied(event_json) == columns
+            except Exception:  # anything odd goes to the exact test
+                agree = False
+            if not agree:
+                unsure.append((n, seq, event_json))
+            if prev != last:
+                # Both this row and its predecessor (whose successor no longer links to
+                # it) need judging.
+                if n and (not dirty or dirty[-1] < n - 1):
+                    dirty.append(n - 1)
+                if not dirty or dirty[-1] < n:
+                    dirty.append(n)
+            elif mine != digest and (not dirty or dirty[-1] < n):
+                dirty.append(n)
+            seqs.append(seq)
+            prevs.append(prev)
+            hashes.append(digest)
+            computed.append(mine)
+            last = digest
+            n += 1
+        self.n, self.last_hash = n, last
+
+    def settle(self, conn: Connection) -> None:
+        """After a batch, with the connection free: the exact test for the rows the fast
+        one did not clear, then judge what can be judged and forget what is not needed."""
+        if self.unsure:
+            bad = {
+                n
+                for n, seq, event_json in self.unsure
+                if not _exact_columns_agree(conn, seq, event_json)
+            }
+            self.unsure.clear()
+            if bad:
+                self.columns_bad |= bad
+                self.dirty = deque(sorted(bad.union(self.dirty)))
+        self._judge_ready(final=False)
+        n, seqs, prevs, hashes, computed = self.n, self.seqs, self.prevs, self.hashes, self.computed
+        columns_bad = self.columns_bad
+        # Keep what the dirty rows still to be judged can need: WINDOW + 1 rows before
+        # them, and they lie at most WINDOW rows before the last one read.
+        keep_from = max(self.base, n - 2 * WINDOW - 2)
+        if keep_from > self.base:
+            cut = keep_from - self.base
+            for values in (seqs, prevs, hashes, computed):
+                del values[:cut]
+            self.base = keep_from
+            if columns_bad:
+                self.columns_bad = {p for p in columns_bad if p >= keep_from}
+            if self.displaced:
+                self.displaced = {p for p in self.displaced if p >= keep_from}
+
+    def finish(self) -> None:
+        self._judge_ready(final=True)
+
+    def last_row(self) -> tuple[int, str] | None:
+        if not self.seqs:
+            return None
+        return self.seqs[-1], self.hashes[-1]
+
+    def _judge_ready(self, final: bool) -> None:
+        dirty, last = self.dirty, self.n - 1
+        while dirty and (final or dirty[0] + WINDOW <= last):
+            pos = dirty.popleft()
+            self._judge(pos, is_last=final and pos == last)
+
+    def _judge(self, pos: int, is_last: bool) -> None:
+        # The window _judge has always seen: rows pos - WINDOW - 1 .. pos + WINDOW.
+        lo, hi = max(0, pos - 1 - WINDOW), min(pos + WINDOW, self.n - 1)
+        window = self.window
+        start = window.rows[-1].pos + 1 if window.rows else lo
+        if start < lo:
+            window = self.window = _Window()
+            start = lo
+        while window.rows and window.rows[0].pos < lo:
+            window.pop()
+        for p in range(start, hi + 1):
+            window.push(self._row(p))
+        row = window.at(pos)
+        assert row is not None
+        _judge(self.report, window, row, is_last)
+        if row.displaced:
+            self.displaced.add(pos)
+
+    def _row(self, pos: int) -> _Row:
+        i = pos - self.base
+        return _Row(
+            pos=pos,
+            seq=self.seqs[i],
+            hash=self.hashes[i],
+            prev_hash=self.prevs[i],
+            content_ok=self.computed[i] == self.hashes[i],
+            columns_ok=pos not in self.columns_bad,
+            computed=self.computed[i],
+            displaced=pos in self.displaced,
+        )
+
+
 def verify_chain(
     conn: Connection,
     *,
@@ -314,61 +647,36 @@ def verify_chain(
     """Check the whole chain and, given the public key, every checkpoint in both copies."""
     report = VerifyReport()
     by_seq = _load_checkpoints(conn, public_key, external, report)
-    stmt = select(
-        audit_events.c.seq,
-        audit_events.c.prev_hash,
-        audit_events.c.hash,
-        audit_events.c.event_json,
-        *[audit_events.c[name] for name in _PROJECTED],
-    ).order_by(audit_events.c.seq)
-    window = _Window()
-    pending: deque[_Row] = deque()  # pushed, not yet judged (waiting for look-ahead)
     last_good_checkpoint = 0
     chain_hash_at: dict[int, str] = {}
     signed_hashes = {cp.hash for entries in by_seq.values() for _, _, cp in entries}
     seq_of_signed_hash: dict[str, int] = {}
-    pos, after = 0, 0
-    last_row: _Row | None = None
-
-    def judge_ready(final: bool) -> None:
-        while pending and (final or pending[-1].pos - pending[0].pos >= WINDOW):
-            row = pending.popleft()
-            _judge(report, window, row, is_last=final and not pending)
-            while window.rows and window.rows[0].pos < row.pos - WINDOW:
-                window.pop()
-
+    fetch, implied = _batch_reader(conn, batch)
+    scanner = _Scanner(report)
+    after = 0
     while True:
-        rows = conn.execute(stmt.where(audit_events.c.seq > after).limit(batch)).all()
-        for raw in rows:
-            computed = link_hash(raw.prev_hash, raw.event_json)
-            row = _Row(
-                pos=pos,
-                seq=int(raw.seq),
-                hash=raw.hash,
-                prev_hash=raw.prev_hash,
-                content_ok=computed == raw.hash,
-                columns_ok=_columns_agree(raw),
-                computed=computed,
-            )
-            if row.seq in by_seq:
-                chain_hash_at[row.seq] = row.hash
-            if row.hash in signed_hashes:
-                seq_of_signed_hash[row.hash] = row.seq
-            window.push(row)
-            pending.append(row)
-            judge_ready(final=False)
-            last_row = row
-            pos += 1
-        report.events_checked += len(rows)
-        if progress is not None and rows:
-            progress(len(rows))
-        if len(rows) < batch:
+        count = 0
+        for rows in fetch(after):
+            scanner.feed(rows, implied)
+            if by_seq:
+                for seq, _, digest, _, _ in rows:
+                    if seq in by_seq:
+                        chain_hash_at[seq] = digest
+                    if digest in signed_hashes:
+                        seq_of_signed_hash[digest] = seq
+            count += len(rows)
+            after = int(rows[-1][0])
+        scanner.settle(conn)
+        report.events_checked += count
+        if progress is not None and count:
+            progress(count)
+        if count < batch:
             break
-        after = int(rows[-1].seq)
-    judge_ready(final=True)
+    scanner.finish()
+    last_row = scanner.last_row()
 
     if last_row is not None:
-        report.head_seq, report.head_hash = last_row.seq, last_row.hash
+        report.head_seq, report.head_hash = last_row
     for seq in sorted(by_seq):
         for location, name, cp in by_seq[seq]:
             if seq == 0:
@@ -428,15 +736,6 @@ def verify_chain(
     elif head_hash != report.head_hash and report.problems_total == 0:
         report.add("modified", head_seq, "the last row differs from the recorded chain head")
     return report
-
-
-def _columns_agree(row: Any) -> bool:
-    """The searchable columns (row[4:], in PROJECTED_COLUMNS order) equal what the JSON says."""
-    try:
-        implied = project_values(row.event_json)
-    except MalformedPayload:
-        return False
-    return tuple(row[4:]) == implied
 
 
 def verify_audit_log(
