@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -75,14 +76,20 @@ PROJECTED_COLUMNS = (
 
 def project_values(event_json: str) -> tuple[Any, ...]:
     """The searchable column values a stored event's JSON implies (PROJECTED_COLUMNS order)."""
+    return _project(event_json)[0]
+
+
+def _project(event_json: str) -> tuple[tuple[Any, ...], str]:
+    """project_values(), and the ``occurred_at`` text it parsed."""
     try:
         doc = json.loads(event_json)
         actor = doc["actor"]
         target = doc.get("target") or {}
         source = doc.get("source") or {}
+        occurred_at = doc["occurred_at"]
         return (
             doc["event_id"],
-            parse_timestamp(doc["occurred_at"]),
+            parse_timestamp(occurred_at),
             actor["type"],
             actor.get("id"),
             actor.get("label"),
@@ -94,7 +101,7 @@ def project_values(event_json: str) -> tuple[Any, ...]:
             source.get("ip"),
             source.get("user_agent"),
             doc.get("request_id"),
-        )
+        ), occurred_at
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise MalformedPayload(f"not an event document: {exc!r}") from None
 
@@ -111,6 +118,63 @@ _LOCK_HEAD = (
 )
 _INSERT = insert(audit_events)
 
+# The order of the values in a row that append_to_chain writes.
+_ROW_COLUMNS: tuple[str, ...] = (
+    *("seq", "event_id", "occurred_at", "recorded_at"),
+    *PROJECTED_COLUMNS[2:],
+    *("event_json", "prev_hash", "hash"),
+)
+assert sorted(_ROW_COLUMNS) == sorted(c.name for c in audit_events.columns)
+_INSERT_SQL: dict[tuple[str, str], str] = {}
+
+
+def _insert_sql(conn: Connection) -> str | None:
+    """One-row INSERT in the driver's own dialect, for ``executemany`` (None: use Core).
+
+    The relay writes 500 rows per batch; going straight to the driver skips SQLAlchemy's
+    per-row parameter dictionaries and type processing (the values are already in their
+    stored form, see :func:`_db_time`). PyMySQL turns ``executemany`` of an INSERT into
+    multi-row ``INSERT ... VALUES (...), (...)`` statements; sqlite3 loops in C.
+    """
+    dialect = conn.dialect
+    key = (dialect.name, dialect.paramstyle)
+    if key not in _INSERT_SQL:
+        # PyMySQL's paramstyle is "pyformat", which also takes positional %s with a tuple.
+        mark = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(dialect.paramstyle)
+        if mark is None:
+            return None
+        quote = dialect.identifier_preparer.quote
+        # Only the fixed table and column names go into the text; values are parameters.
+        _INSERT_SQL[key] = (
+            f"INSERT INTO {dialect.identifier_preparer.format_table(audit_events)} "  # noqa: S608
+            f"({', '.join(quote(c) for c in _ROW_COLUMNS)}) "
+            f"VALUES ({', '.join(mark for _ in _ROW_COLUMNS)})"
+        )
+    return _INSERT_SQL[key]
+
+
+def _db_time(moment: datetime) -> str:
+    """A UTC datetime as the text UTCDateTime stores (naive UTC, microseconds always).
+
+    Byte for byte what SQLAlchemy's SQLite DATETIME writes; MySQL/MariaDB parse it into
+    the same DATETIME(6) value as the datetime itself.
+    """
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+_CANONICAL_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", re.ASCII)
+
+
+def _stored_time(text: str, moment: datetime) -> str:
+    """_db_time(moment) for the event time ``moment`` parsed from ``text``, cheaply.
+
+    In the canonical form (which parse_timestamp accepted, so the fields are in range) the
+    stored text is the canonical one with a space for the "T" and without the "Z".
+    """
+    if _CANONICAL_TIME.fullmatch(text):
+        return text[:10] + " " + text[11:26]
+    return _db_time(moment)
+
 
 def read_head(conn: Connection) -> tuple[int, str]:
     row = conn.execute(
@@ -119,48 +183,67 @@ def read_head(conn: Connection) -> tuple[int, str]:
     return int(row.seq), str(row.hash)
 
 
-def append_to_chain(conn: Connection, events: Sequence[QueuedEvent]) -> list[str]:
+def append_to_chain(
+    conn: Connection, events: Sequence[QueuedEvent], *, check_present: bool = True
+) -> list[str]:
     """Append events to the chain in the caller's audit transaction; returns new event ids.
 
     Idempotent on ``event_id``: an event already in the log (a relay that crashed after
     the audit commit but before deleting its outbox rows) is skipped, not appended twice.
     Raises :class:`MalformedPayload` before writing anything if a payload is not an event,
     and :class:`ChainMoved` if the log was moved to another server.
+
+    ``check_present=False`` skips the query for events already in the log: an event that
+    is there makes the INSERT fail on the unique ``event_id`` (an ``IntegrityError``), and
+    the caller must then roll back and append again with the check (the relay does).
+    Events repeated within ``events`` are appended once either way.
     """
     if not events:
         return []
-    projected = [(e, project(e.payload)) for e in events]
-    for event, columns in projected:
-        if columns["event_id"] != event.event_id:
-            raise MalformedPayload(f"payload of {event.event_id} names {columns['event_id']}")
+    projected = []
+    for event in events:
+        values, occurred_text = _project(event.payload)
+        if values[0] != event.event_id:
+            raise MalformedPayload(f"payload of {event.event_id} names {values[0]}")
+        projected.append((event, values, occurred_text))
     head_seq, head_hash, moved_to, moved_at = conn.execute(_LOCK_HEAD).one()
     if moved_to is not None:
         raise ChainMoved(moved_to, moved_at)
-    ids = [e.event_id for e in events]
-    present = set(
-        conn.execute(select(audit_events.c.event_id).where(audit_events.c.event_id.in_(ids)))
-        .scalars()
-        .all()
-    )
+    present: set[str] = set()
+    if check_present:
+        ids = [e.event_id for e in events]
+        present.update(
+            conn.execute(select(audit_events.c.event_id).where(audit_events.c.event_id.in_(ids)))
+            .scalars()
+            .all()
+        )
     now = datetime.now(UTC)
-    rows: list[dict[str, Any]] = []
+    # The driver gets times as the text UTCDateTime would store; Core gets datetimes.
+    sql = _insert_sql(conn)
+    recorded_at: Any = _db_time(now) if sql is not None else now
+    rows: list[tuple[Any, ...]] = []
+    appended: list[str] = []
     seq, prev = int(head_seq), str(head_hash)
-    for event, columns in projected:
+    for event, values, occurred_text in projected:
         if event.event_id in present:
             continue
         present.add(event.event_id)
         seq += 1
         digest = link_hash(prev, event.payload)
-        columns.update(
-            seq=seq, recorded_at=now, event_json=event.payload, prev_hash=prev, hash=digest
+        occurred = values[1] if sql is None else _stored_time(occurred_text, values[1])
+        rows.append(
+            (seq, values[0], occurred, recorded_at, *values[2:], event.payload, prev, digest)
         )
-        rows.append(columns)
+        appended.append(event.event_id)
         prev = digest
     if rows:
-        conn.execute(_INSERT, rows)
+        if sql is not None:
+            conn.exec_driver_sql(sql, rows)
+        else:
+            conn.execute(_INSERT, [dict(zip(_ROW_COLUMNS, row, strict=True)) for row in rows])
         conn.execute(
             update(chain_head)
             .where(chain_head.c.id == 1)
             .values(seq=seq, hash=prev, updated_at=now)
         )
-    return [r["event_id"] for r in rows]
+    return appended
