@@ -62,7 +62,7 @@ def revoke_others(current: CurrentSessionDep, runtime: RuntimeDep, source: Sourc
 
 
 @router.post(
-    "/password", status_code=status.HTTP_204_NO_CONTENT, responses=problem_responses(422, 503)
+    "/password", status_code=status.HTTP_204_NO_CONTENT, responses=problem_responses(422, 429, 503)
 )
 async def change_password(
     body: PasswordChangeIn, current: CurrentSessionDep, runtime: RuntimeDep, source: SourceDep
