@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import Connection, Engine, and_, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, case, insert, null, or_, select, update
 
 from echo_auth.db.engines import transaction
 from echo_auth.db.identity_schema import login_throttles
+from echo_auth.db.types import UTCDateTime
 from echo_auth.identity.errors import DomainError
 
 Scope = Literal["email", "ip", "device", "mfa"]
@@ -94,20 +95,34 @@ class LockStarted:
     until: datetime
 
 
-def _ensure_rows(conn: Connection, names: Sequence[str], now: datetime) -> None:
-    existing = set(
-        conn.execute(select(login_throttles.c.key).where(login_throttles.c.key.in_(names)))
-        .scalars()
-        .all()
+_c = login_throttles.c
+# The row's count has run out: a lock that is over, or failures older than the window.
+_STALE = or_(
+    and_(_c.locked_until.is_not(None), _c.locked_until <= bindparam("now", type_=UTCDateTime())),
+    and_(_c.locked_until.is_(None), _c.updated_at < bindparam("window_start", type_=UTCDateTime())),
+)
+# Take one attempt: on a stale row start over at 1, else count one more while under the
+# limit and unlocked. Built once; the assignments are ordered so that MySQL (which
+# evaluates them left to right, each seeing the ones before) and SQLite (which sees the
+# old row throughout) agree: _STALE reads only columns assigned after it.
+_TAKE = (
+    update(login_throttles)
+    .where(
+        _c.key == bindparam("name"),
+        or_(_STALE, and_(_c.failures < bindparam("attempts"), _c.locked_until.is_(None))),
     )
-    missing = [n for n in names if n not in existing]
-    if missing:
-        stmt = (
-            insert(login_throttles)
-            .prefix_with("IGNORE", dialect="mysql")
-            .prefix_with("OR IGNORE", dialect="sqlite")
-        )
-        conn.execute(stmt, [{"key": n, "failures": 0, "updated_at": now} for n in missing])
+    .ordered_values(
+        (_c.failures, case((_STALE, 1), else_=_c.failures + 1)),
+        (_c.locked_until, case((_STALE, null()), else_=_c.locked_until)),
+        (_c.updated_at, bindparam("now", type_=UTCDateTime())),
+    )
+)
+_LOCKED_UNTIL = select(_c.locked_until).where(_c.key == bindparam("name"))
+_CREATE = (
+    insert(login_throttles)
+    .prefix_with("IGNORE", dialect="mysql")
+    .prefix_with("OR IGNORE", dialect="sqlite")
+)
 
 
 class Throttle:
@@ -119,46 +134,48 @@ class Throttle:
         """Take one attempt on every key, or raise :class:`RateLimited` taking none.
 
         Commits on its own, before the caller's slow check, so that concurrent attempts
-        see each other's reservations.
+        see each other's reservations. One conditional ``UPDATE`` per key, in one
+        transaction; a key seen for the first time gets its row first, in a transaction
+        of its own, and the reservation starts over.
         """
-        now = datetime.now(UTC)
-        # Rows are created in their own transaction: an INSERT IGNORE that meets an
-        # existing row takes a shared lock, and upgrading it later would deadlock.
+        for _ in range(2):
+            now = datetime.now(UTC)
+            missing = self._try_reserve(keys, now)
+            if not missing:
+                return
+            # Rows are created in their own transaction: an INSERT IGNORE that meets an
+            # existing row takes a shared lock, and upgrading it later would deadlock.
+            with transaction(self.engine) as conn:
+                conn.execute(
+                    _CREATE, [{"key": n, "failures": 0, "updated_at": now} for n in missing]
+                )
+        raise RuntimeError("throttle rows vanished while reserving")  # pragma: no cover
+
+    def _try_reserve(self, keys: Sequence[Key], now: datetime) -> list[str]:
+        """Reserve on every key; returns the names that have no row yet (nothing taken)."""
         with transaction(self.engine) as conn:
-            _ensure_rows(conn, [k.name for k in keys], now)
-        # Keys are always locked in the same order, so reservations never deadlock.
-        with transaction(self.engine) as conn:
+            # Keys are always locked in the same order, so reservations never deadlock.
             for key in sorted(keys, key=lambda k: k.name):
                 limit = self.policy.limit(key.scope)
-                c = login_throttles.c
-                # A lock that has run out, or failures older than the window, start over.
-                conn.execute(
-                    update(login_throttles)
-                    .where(
-                        c.key == key.name,
-                        or_(
-                            and_(c.locked_until.is_not(None), c.locked_until <= now),
-                            and_(c.locked_until.is_(None), c.updated_at < now - limit.window),
-                        ),
-                    )
-                    .values(failures=0, locked_until=None, updated_at=now)
-                )
                 taken = conn.execute(
-                    update(login_throttles)
-                    .where(
-                        c.key == key.name,
-                        c.failures < limit.attempts,
-                        c.locked_until.is_(None),
-                    )
-                    .values(failures=c.failures + 1, updated_at=now)
+                    _TAKE,
+                    {
+                        "name": key.name,
+                        "now": now,
+                        "window_start": now - limit.window,
+                        "attempts": limit.attempts,
+                    },
                 ).rowcount
-                if taken != 1:
-                    locked_until = conn.execute(
-                        select(c.locked_until).where(c.key == key.name)
-                    ).scalar_one()
-                    retry = (locked_until - now).total_seconds() if locked_until else 1.0
-                    conn.rollback()  # give back the slots taken on the earlier keys
-                    raise RateLimited(max(1, int(retry + 0.999)), key.scope)
+                if taken == 1:
+                    continue
+                locked_until = conn.execute(_LOCKED_UNTIL, {"name": key.name}).first()
+                conn.rollback()  # give back the slots taken on the earlier keys
+                if locked_until is None:
+                    return [k.name for k in keys]
+                until = locked_until[0]
+                retry = (until - now).total_seconds() if until else 1.0
+                raise RateLimited(max(1, int(retry + 0.999)), key.scope)
+        return []
 
     def failed(self, conn: Connection, keys: Sequence[Key]) -> list[LockStarted]:
         """The attempt failed: its slots stay used; a key that is now full gets locked."""
