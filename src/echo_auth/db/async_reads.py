@@ -74,6 +74,10 @@ class AsyncReader:
         self._pool: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool_lock = asyncio.Lock()
+        # Requests queue here, first come first served, for one of the pool's
+        # connections. (The pool's own fast path lets a newcomer take a connection that
+        # was freed while older requests waited: under load some waited for a second.)
+        self._slots = asyncio.Semaphore(pool_size)
         self._compiled: dict[int, tuple[Select[Any], _Compiled]] = {}
 
     def _compile(self, statement: Select[Any]) -> _Compiled:
@@ -114,6 +118,7 @@ class AsyncReader:
             return self._pool
         if self._loop is None:
             self._loop, self._pool_lock = asyncio.get_running_loop(), asyncio.Lock()
+            self._slots = asyncio.Semaphore(self._pool_size)
         async with self._pool_lock:
             if self._pool is None:
                 url = self._url
@@ -164,6 +169,12 @@ class AsyncReader:
 
     async def _fetch_one(self, sql: str, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
         pool = await self._get_pool()
+        async with self._slots:
+            return await self._fetch_on(pool, sql, params)
+
+    async def _fetch_on(
+        self, pool: Any, sql: str, params: Mapping[str, Any]
+    ) -> tuple[Any, ...] | None:
         conn = await pool.acquire()
         try:
             async with conn.cursor() as cursor:
