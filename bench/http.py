@@ -694,8 +694,14 @@ def hashing_ceiling(seconds: int, settings: Settings, processes: int = 2) -> dic
     ]
     docs = []
     try:
+        # Every process gets its password before any is waited for: they must verify at
+        # the same time (waiting on one first would run them one after the other).
         for proc in procs:
-            out, err = proc.communicate(PASSWORD + "\n", timeout=seconds + 60)
+            assert proc.stdin is not None
+            proc.stdin.write(PASSWORD + "\n")
+            proc.stdin.flush()
+        for proc in procs:
+            out, err = proc.communicate(timeout=seconds + 60)
             if proc.returncode != 0:
                 raise BenchError(f"hashing ceiling process failed: {err.strip()[-300:]}")
             docs.append(json.loads(out.strip().splitlines()[-1]))
