@@ -48,8 +48,11 @@ class Settings(BaseSettings):
     argon2_time_cost: int = Field(default=3, ge=1, le=100)
     argon2_memory_kib: int = Field(default=65536, ge=8, le=4 * 1024 * 1024)
     argon2_parallelism: int = Field(default=4, ge=1, le=64)
-    # Hashing runs in its own bounded pool, never on the event loop.
-    hash_workers: int = Field(default=2, ge=1, le=64)
+    # Hashing runs in its own bounded pool, never on the event loop. One hash at a time
+    # per process: with parallelism 4 each already runs 4 threads, and a second one in
+    # flight only splits the CPU and the memory bandwidth (bench/README.md: 89% of the
+    # hashing ceiling with 2, 96% with 1, at serve --workers 2 on 2 cores).
+    hash_workers: int = Field(default=1, ge=1, le=64)
     hash_queue_limit: int = Field(default=256, ge=1)
     # The hashing threads' nice value (Linux): under a login storm, requests that need no
     # hash (session checks, admin reads) still get the CPU first. 0 turns it off.
