@@ -15,7 +15,8 @@ from echo_auth.audit.chain import link_hash
 from echo_auth.audit.events import Actor, AuditEvent, Target
 from echo_auth.audit.outbox import enqueue_events
 from echo_auth.audit.relay import drain
-from echo_auth.audit.verify import VerifyReport, verify_chain
+from echo_auth.audit.verify import verify_chain
+from echo_auth.audit.verify_report import VerifyReport
 from echo_auth.db.audit_schema import APPEND_ONLY_TABLES, audit_events, chain_head, checkpoints
 from echo_auth.db.engines import transaction
 from echo_auth.runtime import Runtime

@@ -25,19 +25,15 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime
-from json import JSONDecoder
-from typing import Any, Literal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import Connection, bindparam, func, select
+from sqlalchemy import Connection, func, select
 
 from echo_auth.audit.chain import (
     PROJECTED_COLUMNS,
-    MalformedPayload,
-    project_values,
     read_head,
 )
 from echo_auth.audit.checkpoints import (
@@ -49,110 +45,15 @@ from echo_auth.audit.checkpoints import (
     stored_checkpoints,
 )
 from echo_auth.audit.events import GENESIS_HASH
+from echo_auth.audit.verify_read import Batch, batch_reader, exact_columns_agree
+from echo_auth.audit.verify_report import (
+    CheckpointIssue,
+    Location,
+    VerifyReport,
+)
 from echo_auth.db.audit_schema import audit_events, checkpoints
 
-RowKind = Literal["modified", "deleted", "inserted", "reordered"]
-CheckpointKind = Literal["invalid", "missing", "mismatch"]
-Location = Literal["database", "external"]
-MAX_REPORTED = 1000
 WINDOW = 64
-
-
-@dataclass(frozen=True)
-class Problem:
-    kind: RowKind
-    seq: int
-    detail: str
-    seq_end: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "seq": self.seq, "seq_end": self.seq_end, "detail": self.detail}
-
-    def describe(self) -> str:
-        where = (
-            f"seq {self.seq}"
-            if self.seq_end in (None, self.seq)
-            else (f"seq {self.seq}..{self.seq_end}")
-        )
-        return f"{where}: {self.kind.upper()}: {self.detail}"
-
-
-@dataclass(frozen=True)
-class CheckpointIssue:
-    kind: CheckpointKind
-    location: Location
-    name: str
-    detail: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "location": self.location,
-            "name": self.name,
-            "detail": self.detail,
-        }
-
-    def describe(self) -> str:
-        return f"checkpoint {self.name} ({self.location}): {self.kind.upper()}: {self.detail}"
-
-
-@dataclass
-class VerifyReport:
-    events_checked: int = 0
-    head_seq: int = 0
-    head_hash: str = GENESIS_HASH
-    problems: list[Problem] = field(default_factory=list)
-    problems_total: int = 0
-    checkpoint_issues: list[CheckpointIssue] = field(default_factory=list)
-    checkpoints_valid: int = 0
-    checkpoints_checked_externally: bool = False
-
-    @property
-    def intact(self) -> bool:
-        return self.problems_total == 0 and not self.checkpoint_issues
-
-    @property
-    def first_bad_seq(self) -> int | None:
-        return min((p.seq for p in self.problems), default=None)
-
-    def add(self, kind: RowKind, seq: int, detail: str, seq_end: int | None = None) -> None:
-        self.problems_total += 1
-        if len(self.problems) < MAX_REPORTED:
-            self.problems.append(Problem(kind, seq, detail, seq_end))
-
-    def counts(self) -> dict[str, int]:
-        out = {"modified": 0, "deleted": 0, "inserted": 0, "reordered": 0}
-        for p in self.problems:
-            out[p.kind] += 1
-        return out
-
-    def summary(self) -> str:
-        c = self.counts()
-        cp_bad = len(self.checkpoint_issues)
-        external = "" if self.checkpoints_checked_externally else " (no external checkpoints read)"
-        verdict = "INTACT" if self.intact else "TAMPERED"
-        return (
-            f"{verdict}: {self.events_checked} events checked up to seq {self.head_seq}; "
-            f"{c['modified']} modified, {c['deleted']} deleted, {c['inserted']} inserted, "
-            f"{c['reordered']} reordered; checkpoints: {self.checkpoints_valid} valid, "
-            f"{cp_bad} invalid or missing{external}"
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "intact": self.intact,
-            "events_checked": self.events_checked,
-            "head_seq": self.head_seq,
-            "head_hash": self.head_hash,
-            "first_bad_seq": self.first_bad_seq,
-            "counts": self.counts(),
-            "problems_total": self.problems_total,
-            "problems": [p.as_dict() for p in self.problems],
-            "checkpoints_valid": self.checkpoints_valid,
-            "checkpoint_issues": [i.as_dict() for i in self.checkpoint_issues],
-            "summary": self.summary(),
-        }
-
 
 _PROJECTED = PROJECTED_COLUMNS
 
@@ -305,213 +206,6 @@ def _load_checkpoints(
     return by_seq
 
 
-# -- reading the table fast ----------------------------------------------------------------
-#
-# verify_chain reads the rows through the driver's own cursor (no SQLAlchemy Row objects),
-# a batch at a time in seq order, and keeps, per row, only what judging needs. Two fast
-# paths keep the per-row work small without changing a single verdict:
-#
-# * The searchable columns are first compared by a fast test that can only say "they
-#   agree" when the exact test (``_exact_columns_agree``: SQLAlchemy's values against
-#   ``project_values``) would say so too. A row the fast test does not clear is read again
-#   through SQLAlchemy and judged by the exact test, so only tampered rows pay for it.
-#   On MySQL/MariaDB the thirteen columns come back as one string, each value as
-#   ``<CHAR_LENGTH>:<value>`` or ``-`` for NULL (pymysql decodes every column in Python,
-#   so fewer columns is most of the speed); on SQLite they come back as they are.
-# * ``_judge`` runs only for rows that are "dirty": a wrong hash, disagreeing columns, or a
-#   broken link to the previous or the next row. For any other row ``_judge`` provably
-#   reports nothing and marks nothing (its predecessor links to it and its successor
-#   links to it), so skipping it changes nothing. A dirty row is judged once the WINDOW
-#   rows after it have been read, with exactly the window ``_judge`` always saw: the rows
-#   from WINDOW + 1 before it to WINDOW after it.
-
-_NO_DICT: dict[str, Any] = {}
-_fromisoformat = datetime.fromisoformat
-# json.loads(s) is JSONDecoder().decode(s): this default decoder's scanner, at 0, to the end.
-_scan_json: Callable[[str, int], tuple[Any, int]]
-_scan_json = JSONDecoder().scan_once  # type: ignore[attr-defined]
-# Built from the schema's own names only (S608): no value is ever formatted into them.
-_SQLITE_SELECT = (
-    f"SELECT seq, prev_hash, hash, event_json, {', '.join(_PROJECTED)} "  # noqa: S608
-    f"FROM {audit_events.name} WHERE seq > ? ORDER BY seq LIMIT ?"
-)
-
-
-def _mysql_packed_column() -> str:
-    parts = []
-    for name in _PROJECTED:
-        value = name
-        if name == "occurred_at":
-            # The canonical event form, ``%%`` because pymysql formats the query with ``%``.
-            value = "DATE_FORMAT(occurred_at, '%%Y-%%m-%%dT%%H:%%i:%%s.%%fZ')"
-        parts.append(f"IFNULL(CONCAT(CHAR_LENGTH({value}), ':', {value}), '-')")
-    return f"CONCAT({', '.join(parts)})"
-
-
-_MYSQL_SELECT = (
-    f"SELECT seq, prev_hash, hash, event_json, {_mysql_packed_column()} "  # noqa: S608
-    f"FROM {audit_events.name} WHERE seq > %s ORDER BY seq LIMIT %s"
-)
-_EXACT_COLUMNS = select(*[audit_events.c[name] for name in _PROJECTED]).where(
-    audit_events.c.seq == bindparam("seq")
-)
-
-# One batch: (seq, prev_hash, hash, event_json, columns as the fast test reads them).
-_Batch = list[tuple[int, str, str, str, Any]]
-
-
-def _parse_whole(text: str) -> Any:
-    """What json.loads(text) returns, for a text with no whitespace around the document
-    (raises otherwise): json.loads less its two Python-level calls and whitespace scans."""
-    doc, end = _scan_json(text, 0)
-    if end != len(text):
-        raise ValueError("not one JSON document")
-    return doc
-
-
-def _check_timestamp(text: str) -> None:
-    """Raise unless parse_timestamp(text) succeeds (the same tests, minus its result)."""
-    if len(text) != 27 or text[26] != "Z" or text[10] != "T" or text[19] != ".":
-        raise ValueError("not a canonical timestamp")
-    _fromisoformat(text[:26])
-
-
-def _sqlite_implied(event_json: str) -> tuple[Any, ...]:
-    """The columns as SQLite stores them, if they agree with the JSON (raises if unsure)."""
-    doc = _parse_whole(event_json)
-    actor = doc["actor"]
-    target = doc.get("target") or _NO_DICT
-    source = doc.get("source") or _NO_DICT
-    ts = doc["occurred_at"]
-    _check_timestamp(ts)
-    return (
-        doc["event_id"],
-        # SQLAlchemy's SQLite storage form of the same instant: "YYYY-MM-DD HH:MM:SS.ffffff".
-        ts[:10] + " " + ts[11:26],
-        actor["type"],
-        actor.get("id"),
-        actor.get("label"),
-        doc["action"],
-        target.get("type"),
-        target.get("id"),
-        doc["outcome"],
-        doc.get("reason"),
-        source.get("ip"),
-        source.get("user_agent"),
-        doc.get("request_id"),
-    )
-
-
-def _pack(value: Any) -> str:
-    if value is None:
-        return "-"
-    if type(value) is not str:
-        raise TypeError("not a string")  # a column never equals it: let the exact test say
-    return f"{len(value)}:{value}"
-
-
-def _mysql_implied(event_json: str) -> str:
-    """The packed column string (see _MYSQL_SELECT) the JSON implies (raises if unsure)."""
-    doc = _parse_whole(event_json)
-    actor = doc["actor"]
-    target = doc.get("target") or _NO_DICT
-    source = doc.get("source") or _NO_DICT
-    ts = doc["occurred_at"]
-    _check_timestamp(ts)
-    p = _pack
-    return "".join(
-        (
-            p(doc["event_id"]),
-            p(ts),
-            p(actor["type"]),
-            p(actor.get("id")),
-            p(actor.get("label")),
-            p(doc["action"]),
-            p(target.get("type")),
-            p(target.get("id")),
-            p(doc["outcome"]),
-            p(doc.get("reason")),
-            p(source.get("ip")),
-            p(source.get("user_agent")),
-            p(doc.get("request_id")),
-        )
-    )
-
-
-def _exact_columns_agree(conn: Connection, seq: int, event_json: str) -> bool:
-    """The searchable columns, read through SQLAlchemy, equal what the JSON says."""
-    row = conn.execute(_EXACT_COLUMNS, {"seq": seq}).first()
-    if row is None:
-        return False
-    try:
-        implied = project_values(event_json)
-    except MalformedPayload:
-        return False
-    return tuple(row) == implied
-
-
-_CHUNK = 500  # rows taken from the cursor at a time while the server keeps sending
-
-
-def _batch_reader(
-    conn: Connection, batch: int
-) -> tuple[Callable[[int], Iterator[_Batch]], Callable[[str], Any]]:
-    """``fetch(after)``: the next batch after ``seq`` ``after``, in chunks; and the fast
-    test's ``implied(event_json)``, to compare with each row's last field.
-
-    On MySQL/MariaDB the cursor is unbuffered (pymysql's SSCursor): the server goes on
-    sending while the rows already here are hashed and parsed. The connection is busy
-    until the batch is read to its end, which is why the exact tests wait for settle().
-    """
-    dialect = conn.dialect
-    raw = conn.connection.dbapi_connection
-    if raw is not None and dialect.name == "sqlite" and dialect.driver == "pysqlite":
-
-        def fetch_sqlite(after: int) -> Iterator[_Batch]:
-            assert raw is not None
-            cursor = raw.cursor()
-            try:
-                cursor.execute(_SQLITE_SELECT, (after, batch))
-                while chunk := cursor.fetchmany(_CHUNK):
-                    yield [(r[0], r[1], r[2], r[3], r[4:]) for r in chunk]
-            finally:
-                cursor.close()
-
-        return fetch_sqlite, _sqlite_implied
-    if raw is not None and dialect.name in ("mysql", "mariadb") and dialect.driver == "pymysql":
-        from pymysql.cursors import SSCursor
-
-        def fetch_mysql(after: int) -> Iterator[_Batch]:
-            assert raw is not None
-            cursor = raw.cursor(SSCursor)
-            try:
-                cursor.execute(_MYSQL_SELECT, (after, batch))
-                while chunk := cursor.fetchmany(_CHUNK):
-                    yield list(chunk)
-            finally:
-                cursor.close()  # reads what is left of the result, if anything
-
-        return fetch_mysql, _mysql_implied
-    return _generic_reader(conn, batch), project_values
-
-
-def _generic_reader(conn: Connection, batch: int) -> Callable[[int], Iterator[_Batch]]:
-    stmt = select(
-        audit_events.c.seq,
-        audit_events.c.prev_hash,
-        audit_events.c.hash,
-        audit_events.c.event_json,
-        *[audit_events.c[name] for name in _PROJECTED],
-    ).order_by(audit_events.c.seq)
-
-    def fetch(after: int) -> Iterator[_Batch]:
-        rows = conn.execute(stmt.where(audit_events.c.seq > after).limit(batch)).all()
-        if rows:
-            yield [(int(r[0]), r[1], r[2], r[3], tuple(r[4:])) for r in rows]
-
-    return fetch
-
-
 class _Scanner:
     """Reads the chain row by row and judges the dirty rows (see the notes above)."""
 
@@ -530,7 +224,7 @@ class _Scanner:
         self.last_hash = GENESIS_HASH  # what the next row's prev_hash must be
         self.window = _Window()
 
-    def feed(self, rows: _Batch, implied: Callable[[str], Any]) -> None:
+    def feed(self, rows: Batch, implied: Callable[[str], Any]) -> None:
         """Take in rows read (settle() before judging: the cursor may still be open)."""
         n, last = self.n, self.last_hash
         seqs, prevs, hashes, computed = self.seqs, self.prevs, self.hashes, self.computed
@@ -568,7 +262,7 @@ class _Scanner:
             bad = {
                 n
                 for n, seq, event_json in self.unsure
-                if not _exact_columns_agree(conn, seq, event_json)
+                if not exact_columns_agree(conn, seq, event_json)
             }
             self.unsure.clear()
             if bad:
@@ -651,7 +345,7 @@ def verify_chain(
     chain_hash_at: dict[int, str] = {}
     signed_hashes = {cp.hash for entries in by_seq.values() for _, _, cp in entries}
     seq_of_signed_hash: dict[str, int] = {}
-    fetch, implied = _batch_reader(conn, batch)
+    fetch, implied = batch_reader(conn, batch)
     scanner = _Scanner(report)
     after = 0
     while True:

@@ -46,7 +46,8 @@ from sqlalchemy.exc import ArgumentError
 
 from echo_auth.audit.chain import read_head
 from echo_auth.audit.checkpoints import CheckpointKeyError, CheckpointSink
-from echo_auth.audit.verify import VerifyReport, verify_audit_log
+from echo_auth.audit.verify import verify_audit_log
+from echo_auth.audit.verify_report import VerifyReport
 from echo_auth.db import audit_schema, migrate
 from echo_auth.db.audit_schema import audit_events, chain_head, checkpoints
 from echo_auth.db.engines import transaction
