@@ -74,6 +74,29 @@ PROJECTED_COLUMNS = (
 )
 
 
+def doc_columns(doc: Any, occurred: Any) -> tuple[Any, ...]:
+    """The searchable column values of a parsed event document (PROJECTED_COLUMNS order),
+    with ``occurred`` standing for its ``occurred_at`` in whatever form the caller needs."""
+    actor = doc["actor"]
+    target = doc.get("target") or {}
+    source = doc.get("source") or {}
+    return (
+        doc["event_id"],
+        occurred,
+        actor["type"],
+        actor.get("id"),
+        actor.get("label"),
+        doc["action"],
+        target.get("type"),
+        target.get("id"),
+        doc["outcome"],
+        doc.get("reason"),
+        source.get("ip"),
+        source.get("user_agent"),
+        doc.get("request_id"),
+    )
+
+
 def project_values(event_json: str) -> tuple[Any, ...]:
     """The searchable column values a stored event's JSON implies (PROJECTED_COLUMNS order)."""
     return _project(event_json)[0]
@@ -83,25 +106,8 @@ def _project(event_json: str) -> tuple[tuple[Any, ...], str]:
     """project_values(), and the ``occurred_at`` text it parsed."""
     try:
         doc = json.loads(event_json)
-        actor = doc["actor"]
-        target = doc.get("target") or {}
-        source = doc.get("source") or {}
         occurred_at = doc["occurred_at"]
-        return (
-            doc["event_id"],
-            parse_timestamp(occurred_at),
-            actor["type"],
-            actor.get("id"),
-            actor.get("label"),
-            doc["action"],
-            target.get("type"),
-            target.get("id"),
-            doc["outcome"],
-            doc.get("reason"),
-            source.get("ip"),
-            source.get("user_agent"),
-            doc.get("request_id"),
-        ), occurred_at
+        return doc_columns(doc, parse_timestamp(occurred_at)), occurred_at
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise MalformedPayload(f"not an event document: {exc!r}") from None
 

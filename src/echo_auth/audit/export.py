@@ -34,6 +34,8 @@ from typing import Any, Final
 
 from sqlalchemy import Connection
 
+from echo_auth.audit.chain import PROJECTED_COLUMNS
+
 # Re-exported: callers of the export ask it for the OCSF mapping too.
 from echo_auth.audit.ocsf import OCSF_MAPPING as OCSF_MAPPING
 from echo_auth.audit.ocsf import OCSF_VERSION as OCSF_VERSION
@@ -54,22 +56,7 @@ MEDIA_TYPES: Final[dict[str, str]] = {
 }
 FILE_EXTENSIONS: Final[dict[str, str]] = {"jsonl": "jsonl", "csv": "csv", "ocsf": "ocsf.jsonl"}
 
-CSV_COLUMNS: Final = (
-    "seq",
-    "event_id",
-    "occurred_at",
-    "actor_type",
-    "actor_id",
-    "actor_label",
-    "action",
-    "target_type",
-    "target_id",
-    "outcome",
-    "reason",
-    "ip",
-    "user_agent",
-    "request_id",
-)
+CSV_COLUMNS: Final = ("seq", *PROJECTED_COLUMNS)
 # Characters that make a spreadsheet treat a cell as a formula (or hide that it is one).
 _FORMULA_STARTS: Final = ("=", "+", "-", "@", "\t", "\r")
 

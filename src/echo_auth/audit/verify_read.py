@@ -14,7 +14,12 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, select
 
-from echo_auth.audit.chain import PROJECTED_COLUMNS, MalformedPayload, project_values
+from echo_auth.audit.chain import (
+    PROJECTED_COLUMNS,
+    MalformedPayload,
+    doc_columns,
+    project_values,
+)
 from echo_auth.db.audit_schema import audit_events
 
 _PROJECTED = PROJECTED_COLUMNS
@@ -39,7 +44,6 @@ _PROJECTED = PROJECTED_COLUMNS
 #   rows after it have been read, with exactly the window ``_judge`` always saw: the rows
 #   from WINDOW + 1 before it to WINDOW after it.
 
-_NO_DICT: dict[str, Any] = {}
 _fromisoformat = datetime.fromisoformat
 # json.loads(s) is JSONDecoder().decode(s): this default decoder's scanner, at 0, to the end.
 _scan_json: Callable[[str, int], tuple[Any, int]]
@@ -93,27 +97,10 @@ def _check_timestamp(text: str) -> None:
 def _sqlite_implied(event_json: str) -> tuple[Any, ...]:
     """The columns as SQLite stores them, if they agree with the JSON (raises if unsure)."""
     doc = _parse_whole(event_json)
-    actor = doc["actor"]
-    target = doc.get("target") or _NO_DICT
-    source = doc.get("source") or _NO_DICT
     ts = doc["occurred_at"]
     _check_timestamp(ts)
-    return (
-        doc["event_id"],
-        # SQLAlchemy's SQLite storage form of the same instant: "YYYY-MM-DD HH:MM:SS.ffffff".
-        ts[:10] + " " + ts[11:26],
-        actor["type"],
-        actor.get("id"),
-        actor.get("label"),
-        doc["action"],
-        target.get("type"),
-        target.get("id"),
-        doc["outcome"],
-        doc.get("reason"),
-        source.get("ip"),
-        source.get("user_agent"),
-        doc.get("request_id"),
-    )
+    # SQLAlchemy's SQLite storage form of the same instant: "YYYY-MM-DD HH:MM:SS.ffffff".
+    return doc_columns(doc, ts[:10] + " " + ts[11:26])
 
 
 def _pack(value: Any) -> str:
@@ -127,29 +114,9 @@ def _pack(value: Any) -> str:
 def _mysql_implied(event_json: str) -> str:
     """The packed column string (see _MYSQL_SELECT) the JSON implies (raises if unsure)."""
     doc = _parse_whole(event_json)
-    actor = doc["actor"]
-    target = doc.get("target") or _NO_DICT
-    source = doc.get("source") or _NO_DICT
     ts = doc["occurred_at"]
     _check_timestamp(ts)
-    p = _pack
-    return "".join(
-        (
-            p(doc["event_id"]),
-            p(ts),
-            p(actor["type"]),
-            p(actor.get("id")),
-            p(actor.get("label")),
-            p(doc["action"]),
-            p(target.get("type")),
-            p(target.get("id")),
-            p(doc["outcome"]),
-            p(doc.get("reason")),
-            p(source.get("ip")),
-            p(source.get("user_agent")),
-            p(doc.get("request_id")),
-        )
-    )
+    return "".join(map(_pack, doc_columns(doc, ts)))
 
 
 def exact_columns_agree(conn: Connection, seq: int, event_json: str) -> bool:
